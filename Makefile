@@ -1,0 +1,37 @@
+# The two commands of the README: `make run` and `make test`. Everything else is their plumbing.
+PYTHON ?= python3.11
+VENV := .venv
+BIN := $(VENV)/bin
+CORES ?= all
+
+.PHONY: run test envs lint format clean
+
+run: $(BIN)/.installed
+	$(BIN)/snakemake --cores $(CORES)
+
+test: $(BIN)/.installed envs
+	$(BIN)/python -m pytest
+
+# Per-backend venvs, built by the pipeline's own rule (the same one `make run` uses).
+envs: $(BIN)/.installed
+	$(BIN)/snakemake --cores $(CORES) envs
+
+lint: $(BIN)/.installed
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+	$(BIN)/snakefmt --check workflow
+	$(BIN)/snakemake --lint
+
+format: $(BIN)/.installed
+	$(BIN)/ruff format .
+	$(BIN)/ruff check --fix .
+	$(BIN)/snakefmt workflow
+
+$(BIN)/.installed: workflow/envs/base.txt pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet -r workflow/envs/base.txt
+	$(BIN)/pip install --quiet --no-deps -e .
+	touch $@
+
+clean:
+	rm -rf $(VENV) .venvs .snakemake results resources

@@ -1,0 +1,30 @@
+"""Backends: one adapter module per framework, found by name.
+
+A backend `<name>` is the module `dpscale.backends.<name>` (defining `Adapter`) plus the
+requirements file `workflow/envs/<name>.txt` of the venv it runs in. Modules here import their
+framework at top level, so only import a backend inside its own environment.
+"""
+
+from __future__ import annotations
+
+import importlib
+from pathlib import Path
+
+_HERE = Path(__file__).parent
+_NOT_BACKENDS = {"base"}
+
+
+def available() -> list[str]:
+    """Names of the backends that have an adapter module (no framework is imported)."""
+    return sorted(
+        p.stem
+        for p in _HERE.glob("*.py")
+        if not p.stem.startswith("_") and p.stem not in _NOT_BACKENDS
+    )
+
+
+def load(name: str):
+    """The Adapter class of backend `name` (imports its framework)."""
+    if name not in available():
+        raise ValueError(f"unknown backend {name!r}; expected one of {', '.join(available())}")
+    return importlib.import_module(f"dpscale.backends.{name}").Adapter

@@ -1,0 +1,155 @@
+"""Validate an experiment config: JSON schema (with defaults) then the checks a schema can't say.
+
+Every failure is one line, `config error: <key>: <what is wrong>; expected <what>`, raised
+before any job starts.
+"""
+
+from __future__ import annotations
+
+import copy
+import re
+from pathlib import Path
+from typing import Any
+
+LEVEL = re.compile(r"^(none|eps(?P<eps>[0-9]+(\.[0-9]+)?)|sigma(?P<sigma>[0-9]+(\.[0-9]+)?))$")
+PATH_SOURCES = {"imagefolder", "ilsvrc2012", "medmnist"}
+
+
+class ConfigError(ValueError):
+    """A config problem, with the offending key in the message."""
+
+
+def _key(path) -> str:
+    return ".".join(str(p) for p in path) or "<top level>"
+
+
+def _with_defaults(validator_class):
+    """A validator that fills `default`s into the instance while it validates (jsonschema FAQ)."""
+    import jsonschema
+
+    validate_properties = validator_class.VALIDATORS["properties"]
+
+    def set_defaults(validator, properties, instance, schema):
+        if isinstance(instance, dict):
+            for name, sub in properties.items():
+                if "default" in sub and name not in instance:
+                    instance[name] = copy.deepcopy(sub["default"])
+        yield from validate_properties(validator, properties, instance, schema)
+
+    def fill_additional(validator, additional, instance, schema):
+        # Defaults inside `additionalProperties` (e.g. a split profile's rho) are filled too.
+        if isinstance(instance, dict) and isinstance(additional, dict):
+            known = set(schema.get("properties", {}))
+            for name, value in instance.items():
+                if name not in known:
+                    yield from validator.descend(value, additional, path=name)
+        elif additional is False:
+            yield from validator_class.VALIDATORS["additionalProperties"](
+                validator, additional, instance, schema
+            )
+
+    return jsonschema.validators.extend(
+        validator_class, {"properties": set_defaults, "additionalProperties": fill_additional}
+    )
+
+
+def _explain(error) -> str:
+    key = _key(error.absolute_path)
+    if error.validator == "additionalProperties":
+        allowed = sorted(error.schema.get("properties", {}))
+        extra = sorted(set(error.instance) - set(allowed))
+        where = ".".join([*map(str, error.absolute_path), extra[0]]) if extra else key
+        return f"{where}: unknown key; expected one of {', '.join(allowed)}"
+    if error.validator == "required":
+        missing = error.message.split("'")[1]
+        return f"{_key([*error.absolute_path, missing])}: missing; it is required"
+    if error.validator == "enum":
+        options = ", ".join(map(str, error.validator_value))
+        return f"{key}: {error.instance!r} is not allowed; expected one of {options}"
+    if error.validator == "pattern" and "levels" in key:
+        return (
+            f"{key}: {error.instance!r} is not a privacy level; "
+            "expected none, eps<number> (e.g. eps8) or sigma<number> (e.g. sigma1.1)"
+        )
+    if error.validator == "oneOf":
+        return f"{key}: {error.instance!r} has the wrong form; expected {error.schema.get('description', 'one of the documented forms')}"
+    return f"{key}: {error.message}"
+
+
+def validate(config: dict[str, Any], schema_path: str | Path) -> dict[str, Any]:
+    """Return a deep copy of `config` with defaults filled in, or raise ConfigError."""
+    import jsonschema
+    import yaml
+
+    schema = yaml.safe_load(Path(schema_path).read_text())
+    config = copy.deepcopy(dict(config))
+    validator = _with_defaults(jsonschema.validators.validator_for(schema))(schema)
+    errors = sorted(validator.iter_errors(config), key=lambda e: (len(e.absolute_path), e.path))
+    if errors:
+        raise ConfigError(f"config error: {_explain(errors[0])}")
+    _check_semantics(config)
+    return config
+
+
+def _fail(key: str, message: str):
+    raise ConfigError(f"config error: {key}: {message}")
+
+
+def _check_semantics(config: dict[str, Any]) -> None:
+    ds = config["dataset"]
+    source = ds["source"]
+    if source in PATH_SOURCES:
+        if not ds.get("path"):
+            _fail("dataset.path", f"missing; source {source!r} needs the path of its data")
+        if not Path(ds["path"]).exists():
+            _fail(
+                "dataset.path", f"{ds['path']!r} does not exist; expected the {source} data there"
+            )
+    if source == "url":
+        if not ds.get("url"):
+            _fail("dataset.url", "missing; source 'url' needs the archive's address")
+        if not ds.get("sha256"):
+            _fail("dataset.sha256", "missing; a downloaded archive must be pinned by its sha256")
+
+    model = config["model"]
+    for stage, mult in enumerate((1, 2, 4, 8), start=1):
+        channels = model["width"] * mult
+        if channels % min(model["groups"], channels):
+            _fail(
+                "model.groups",
+                f"{model['groups']} groups do not divide stage {stage}'s {channels} channels; "
+                "expected a divisor of model.width",
+            )
+
+    train = config["training"]
+    if train["physical_batch_size"] is not None and train["physical_batch_size"] < 1:
+        _fail("training.physical_batch_size", "expected a positive integer")
+    if train["warmup_epochs"] >= train["epochs"]:
+        _fail("training.warmup_epochs", "expected fewer warm-up epochs than training.epochs")
+
+    for name, profile in config["splits"]["profiles"].items():
+        if profile["kind"] != "balanced" and profile["rho"] <= 1:
+            _fail(f"splits.profiles.{name}.rho", f"a {profile['kind']} profile needs rho > 1")
+
+    from dpscale import backends
+
+    known = backends.available()
+    for i, name in enumerate(config["backends"]):
+        if name not in known:
+            _fail(f"backends.{i}", f"unknown backend {name!r}; expected one of {', '.join(known)}")
+    for name in config["backend_options"]:
+        if name not in config["backends"]:
+            _fail(f"backend_options.{name}", "options for a backend that is not in backends")
+
+
+def parse_level(level: str) -> dict[str, float | None]:
+    """'none' -> non-private; 'eps8' -> target epsilon 8; 'sigma1.1' -> noise multiplier 1.1."""
+    match = LEVEL.match(level)
+    if not match:
+        raise ConfigError(f"config error: privacy.levels: {level!r} is not a privacy level")
+    eps, sigma = match.group("eps"), match.group("sigma")
+    return {
+        "private": level != "none",
+        "target_epsilon": float(eps) if eps else None,
+        "noise_multiplier": float(sigma) if sigma else None,
+    }

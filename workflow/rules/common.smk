@@ -1,0 +1,79 @@
+# The validated config turned into paths and targets. Rules use only the functions below.
+import sys
+from pathlib import Path
+
+from dpscale import backends as dp_backends
+from dpscale import config as dp_config
+from dpscale import envs as dp_envs
+from dpscale.workflow import run_step
+
+try:
+    config.update(dp_config.validate(config, Path(workflow.basedir) / "schemas/config.schema.yaml"))
+except dp_config.ConfigError as err:
+    sys.exit(str(err))
+
+EXP = config["experiment"]
+RESULTS = Path("results") / EXP
+DATASET = config["dataset"]
+DATA_DIR = f"resources/datasets/{DATASET['name']}/{DATASET['resolution']}px"
+SPLITS = list(config["splits"]["profiles"])
+LEVELS = config["privacy"]["levels"]
+SEEDS = config["seeds"]
+BACKENDS = config["backends"]
+
+# One run = one cell of the grid; its directory holds the four outputs of the backend contract.
+RUN = str(RESULTS / "runs/{split}/{backend}/{level}/seed{seed}")
+RUN_OUTPUTS = ("metrics.json", "history.csv", "predictions.npz", "weights.npz")
+
+
+wildcard_constraints:
+    split="|".join(SPLITS),
+    level="none|eps[0-9.]+|sigma[0-9.]+",
+    seed=r"\d+",
+
+
+def data_files():
+    return {k: f"{DATA_DIR}/{k}" for k in ("images.npy", "labels.npy", "manifest.json")}
+
+
+def split_file(split="{split}"):
+    return str(RESULTS / f"splits/{split}.npz")
+
+
+def privacy_file(split="{split}", level="{level}"):
+    return str(RESULTS / f"privacy/{split}/{level}.json")
+
+
+def env_ready(backend):
+    return str(dp_envs.env_prefix(backend) / dp_envs.READY)
+
+
+def all_envs():
+    return [env_ready(name) for name in dp_envs.names()]
+
+
+def env_python(backend):
+    return str(dp_envs.env_prefix(backend) / "bin/python")
+
+
+def run_dir(split, backend, level, seed):
+    return RUN.format(split=split, backend=backend, level=level, seed=seed)
+
+
+def checkpoint_dir(w):
+    """Kept outside declared outputs so a killed or preempted job resumes from it."""
+    return str(RESULTS / f"checkpoints/{w.split}/{w.backend}/{w.level}/seed{w.seed}")
+
+
+def all_runs():
+    return [
+        run_dir(split, backend, level, seed)
+        for split in SPLITS
+        for backend in BACKENDS
+        for level in LEVELS
+        for seed in SEEDS
+    ]
+
+
+def all_targets():
+    return [str(RESULTS / "summary.csv")]

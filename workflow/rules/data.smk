@@ -1,0 +1,1 @@
+# data rules: filled in by the data stage.

@@ -1,0 +1,1 @@
+# privacy rules: filled in by the privacy stage.

@@ -1,0 +1,1 @@
+# report rules: filled in by the report stage.

@@ -1,0 +1,62 @@
+# One training rule per backend, all from one template: the backend's venv runs dpscale.runner.
+# Adding a backend: `use rule train as train_<name> with:` and its wildcard constraint (below).
+
+
+def train_inputs(w):
+    return {
+        "env": env_ready(w.backend),
+        **data_files(),
+        "split": split_file(w.split),
+        "privacy": privacy_file(w.split, w.level),
+    }
+
+
+def train_args(wildcards, input, output, params):
+    return dict(
+        backend=wildcards.backend,
+        data_dir=Path(input["images.npy"]).parent,
+        split=input.split,
+        privacy=input.privacy,
+        model=config["model"],
+        training=config["training"],
+        options=config["backend_options"].get(wildcards.backend, {}),
+        seed=wildcards.seed,
+        out_dir=Path(output.metrics).parent,
+        checkpoint_dir=params.checkpoint,
+    )
+
+
+rule train:
+    input:
+        unpack(train_inputs),
+    output:
+        metrics=f"{RUN}/metrics.json",
+        history=f"{RUN}/history.csv",
+        predictions=f"{RUN}/predictions.npz",
+        weights=f"{RUN}/weights.npz",
+    log:
+        str(RESULTS / "logs/train/{split}/{backend}/{level}/seed{seed}.log"),
+    wildcard_constraints:
+        backend="template",
+    threads: 4
+    params:
+        python=lambda w: env_python(w.backend),
+        checkpoint=checkpoint_dir,
+    run:
+        run_step(
+            "dpscale.runner",
+            log,
+            params.python,
+            threads,
+            **train_args(wildcards, input, output, params),
+        )
+
+
+use rule train as train_reference with:
+    wildcard_constraints:
+        backend="reference",
+
+
+use rule train as train_opacus with:
+    wildcard_constraints:
+        backend="opacus",
