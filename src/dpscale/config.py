@@ -72,7 +72,8 @@ def _explain(error) -> str:
             "expected none, eps<number> (e.g. eps8) or sigma<number> (e.g. sigma1.1)"
         )
     if error.validator == "oneOf":
-        return f"{key}: {error.instance!r} has the wrong form; expected {error.schema.get('description', 'one of the documented forms')}"
+        expected = error.schema.get("description", "one of the documented forms")
+        return f"{key}: {error.instance!r} has the wrong form; expected {expected}"
     return f"{key}: {error.message}"
 
 
@@ -129,7 +130,7 @@ def _check_semantics(config: dict[str, Any]) -> None:
 
     for name, profile in config["splits"]["profiles"].items():
         if profile["kind"] != "balanced" and profile["rho"] <= 1:
-            _fail(f"splits.profiles.{name}.rho", f"a {profile['kind']} profile needs rho > 1")
+            _fail(f"splits.profiles.{name}.rho", f"profile kind {profile['kind']!r} needs rho > 1")
 
     from dpscale import backends
 

@@ -1,0 +1,115 @@
+"""Bad configs stop before any job, with one line naming the key and what was expected."""
+
+from __future__ import annotations
+
+import copy
+import subprocess
+import sys
+
+import pytest
+import yaml
+
+from dpscale import config as dp_config
+from tests.conftest import PROJECT, SNAKEFILE
+
+SCHEMA = PROJECT / "workflow/schemas/config.schema.yaml"
+
+
+@pytest.fixture
+def default_config():
+    return yaml.safe_load((PROJECT / "config/config.yaml").read_text())
+
+
+def test_embedded_default_is_valid_and_gets_defaults(default_config):
+    cfg = dp_config.validate(default_config, SCHEMA)
+    assert cfg["training"]["schedule"] == "cosine"  # filled from the schema
+    assert cfg["splits"]["profiles"]["balanced"]["rho"] == 1  # default inside a free-form map
+    assert cfg["privacy"]["accountant"] == "rdp"
+    assert default_config.get("backend_options") is None  # the input is not mutated
+
+
+def _set(path, value):
+    def mutate(cfg):
+        *parents, last = path.split(".")
+        node = cfg
+        for p in parents:
+            node = node.setdefault(p, {})
+        if value is KeyError:
+            node.pop(last)
+        else:
+            node[last] = value
+
+    return mutate
+
+
+BAD = {
+    "unknown top-level key": (_set("colour", "red"), "colour: unknown key"),
+    "unknown nested key": (_set("training.batchsize", 3), "training.batchsize: unknown key"),
+    "wrong type": (_set("splits.train_per_class", "many"), "splits.train_per_class:"),
+    "rho below 1": (_set("splits.profiles.longtail.rho", 0.5), "splits.profiles.longtail.rho:"),
+    "long tail without rho": (
+        _set("splits.profiles.tail", {"kind": "step"}),
+        "splits.profiles.tail.rho: profile kind 'step' needs rho > 1",
+    ),
+    "missing dataset path": (_set("dataset.source", "imagefolder"), "dataset.path: missing"),
+    "dataset path absent": (
+        lambda c: c["dataset"].update(source="medmnist", path="/no/such/file.npz"),
+        "dataset.path: '/no/such/file.npz' does not exist",
+    ),
+    "url without sha256": (
+        lambda c: c["dataset"].update(source="url", url="https://example.org/a.tar"),
+        "dataset.sha256: missing",
+    ),
+    "unknown source": (_set("dataset.source", "cifar"), "dataset.source: 'cifar' is not allowed"),
+    "unknown backend": (_set("backends", ["pytorch"]), "backends.0: unknown backend 'pytorch'"),
+    "bad privacy level": (_set("privacy.levels", ["eps"]), "privacy.levels.0: 'eps' is not a"),
+    "delta out of range": (_set("privacy.delta", 1.5), "privacy.delta:"),
+    "groups do not divide width": (_set("model.groups", 5), "model.groups: 5 groups do not"),
+    "non-positive lr": (_set("training.lr", 0), "training.lr:"),
+    "missing dataset name": (_set("dataset.name", KeyError), "dataset.name: missing"),
+    "classes of the wrong form": (_set("splits.classes", "ten"), "splits.classes: 'ten'"),
+    "empty backends": (_set("backends", []), "backends:"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(BAD))
+def test_bad_config_is_one_line_naming_the_key(default_config, case):
+    mutate, expected = BAD[case]
+    cfg = copy.deepcopy(default_config)
+    mutate(cfg)
+    with pytest.raises(dp_config.ConfigError) as err:
+        dp_config.validate(cfg, SCHEMA)
+    message = str(err.value)
+    assert "\n" not in message
+    assert message.startswith("config error: ")
+    assert expected in message
+
+
+@pytest.mark.parametrize(
+    ("level", "parsed"),
+    [
+        ("none", (False, None, None)),
+        ("eps8", (True, 8.0, None)),
+        ("eps0.5", (True, 0.5, None)),
+        ("sigma1.1", (True, None, 1.1)),
+    ],
+)
+def test_parse_level(level, parsed):
+    p = dp_config.parse_level(level)
+    assert (p["private"], p["target_epsilon"], p["noise_multiplier"]) == parsed
+
+
+def test_snakemake_stops_before_any_job_with_the_message(tmp_path, default_config):
+    default_config["splits"]["profiles"]["longtail"]["rho"] = 0.5
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(yaml.safe_dump(default_config))
+    snakemake = [sys.executable, "-m", "snakemake", "-s", str(SNAKEFILE), "-d", str(tmp_path)]
+    proc = subprocess.run(
+        [*snakemake, "-n", "--configfile", str(bad)], capture_output=True, text=True, timeout=120
+    )
+    assert proc.returncode != 0
+    assert "config error: splits.profiles.longtail.rho: 0.5 is less than the minimum of 1" in (
+        proc.stderr + proc.stdout
+    )
+    assert "Job stats" not in proc.stdout + proc.stderr
+    assert not (tmp_path / "results").exists()
