@@ -1,0 +1,1 @@
+"""The framework-free training runner: `python -m dpscale.runner` (see loop.py)."""

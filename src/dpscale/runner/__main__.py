@@ -1,0 +1,85 @@
+"""`python -m dpscale.runner`: train one run in a backend's venv (arguments of the train rule)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from pathlib import Path
+
+from dpscale.runner.loop import (
+    Run,
+    RunnerError,
+    load_data,
+    load_privacy,
+    log,
+    model_spec,
+    training_config,
+)
+
+
+def _json(name: str):
+    def parse(text: str):
+        try:
+            value = json.loads(text)
+        except json.JSONDecodeError as err:
+            raise argparse.ArgumentTypeError(f"--{name}: not valid JSON ({err})") from err
+        if not isinstance(value, dict):
+            raise argparse.ArgumentTypeError(f"--{name}: {text!r}; expected a JSON object")
+        return value
+
+    return parse
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m dpscale.runner", description=__doc__)
+    p.add_argument("--backend", required=True, help="adapter module dpscale.backends.<name>")
+    p.add_argument("--data-dir", required=True, type=Path, help="holds images.npy, labels.npy")
+    p.add_argument("--split", required=True, type=Path, help="the split .npz")
+    p.add_argument("--privacy", required=True, type=Path, help="the calibrate step's JSON")
+    p.add_argument("--model", type=_json("model"), default={}, help="model config (JSON)")
+    p.add_argument("--training", type=_json("training"), default={}, help="training (JSON)")
+    p.add_argument("--options", type=_json("options"), default={}, help="backend options (JSON)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out-dir", required=True, type=Path)
+    p.add_argument("--checkpoint-dir", required=True, type=Path)
+    p.add_argument("--threads", type=int, default=int(os.environ.get("DPSCALE_THREADS", "1")))
+    return p
+
+
+def main(argv=None) -> None:
+    args = parser().parse_args(argv)
+    try:
+        data = load_data(args.data_dir, args.split)
+        privacy = load_privacy(args.privacy)
+        training = training_config(args.training)
+        spec = model_spec(args.model, data.num_classes, data.image_size)
+        from dpscale import backends
+
+        try:
+            adapter_class = backends.load(args.backend)
+        except ValueError as err:
+            raise RunnerError(f"--backend: {err}") from err
+        log(f"building {args.backend} adapter: {spec}, options {args.options}, seed {args.seed}")
+        adapter = adapter_class(spec, args.options, args.seed, args.threads)
+        Run(
+            adapter=adapter,
+            backend=args.backend,
+            data=data,
+            privacy=privacy,
+            training=training,
+            model=args.model,
+            options=args.options,
+            seed=args.seed,
+            threads=args.threads,
+            out_dir=args.out_dir,
+            checkpoint_dir=args.checkpoint_dir,
+        ).train()
+    except RunnerError as err:
+        print(f"dpscale.runner: error: {err}", file=sys.stderr, flush=True)
+        sys.exit(1)
+
+
+if __name__ == "__main__":
+    main()
