@@ -11,6 +11,7 @@ from pathlib import Path
 from dpscale.runner.loop import (
     Run,
     RunnerError,
+    check_consistency,
     load_data,
     load_privacy,
     log,
@@ -55,14 +56,23 @@ def main(argv=None) -> None:
         privacy = load_privacy(args.privacy)
         training = training_config(args.training)
         spec = model_spec(args.model, data.num_classes, data.image_size)
+        check_consistency(data, privacy)
         from dpscale import backends
 
         try:
             adapter_class = backends.load(args.backend)
         except ValueError as err:
             raise RunnerError(f"--backend: {err}") from err
+        except ImportError as err:
+            raise RunnerError(
+                f"backend {args.backend!r} cannot be imported here ({err}); expected to run "
+                f"in its venv, .venvs/{args.backend}-<hash>/bin/python (python -m dpscale.envs)"
+            ) from err
         log(f"building {args.backend} adapter: {spec}, options {args.options}, seed {args.seed}")
-        adapter = adapter_class(spec, args.options, args.seed, args.threads)
+        try:
+            adapter = adapter_class(spec, args.options, args.seed, args.threads)
+        except ValueError as err:  # adapters reject bad options with ValueError
+            raise RunnerError(f"backend {args.backend!r}: {err}") from err
         Run(
             adapter=adapter,
             backend=args.backend,

@@ -201,6 +201,16 @@ def epsilon_after(privacy: dict, epoch: int) -> float | None:
     return None
 
 
+def check_consistency(data: Data, privacy: dict) -> None:
+    """The privacy file must be the one calibrated for this split."""
+    n_train = len(data.train)
+    if "n_train" in privacy and int(privacy["n_train"]) != n_train:
+        raise RunnerError(
+            f"privacy n_train={privacy['n_train']} but the split has {n_train} training "
+            "examples; expected the privacy file calibrated for this split"
+        )
+
+
 # -- pure helpers -----------------------------------------------------------------------------
 def cross_entropy(logits: np.ndarray, y: np.ndarray) -> float:
     """Mean softmax cross-entropy (float64, stable)."""
@@ -246,12 +256,8 @@ class Run:
 
     def __post_init__(self) -> None:
         p, t = self.privacy, self.training
+        check_consistency(self.data, p)
         self.n_train = len(self.data.train)
-        if "n_train" in p and int(p["n_train"]) != self.n_train:
-            raise RunnerError(
-                f"privacy n_train={p['n_train']} but the split has {self.n_train} training "
-                "examples; expected the privacy file calibrated for this split"
-            )
         self.q = float(p["sample_rate"])
         self.total_steps = int(p["steps"])
         self.spe = steps_per_epoch(p)
@@ -275,7 +281,9 @@ class Run:
         )
         self.eps_note = (
             f"{p.get('accountant', '?')}, delta={p.get('delta', '?')}, "
-            f"{p.get('sampling', 'poisson')}"
+            f"{p.get('sampling', 'poisson')} sampling"
+            if self.private
+            else "non-private"
         )
 
     # -- checkpoint -------------------------------------------------------------------------
