@@ -1,0 +1,181 @@
+"""The ResNet-18 of dpscale.models.resnet in plain torch, shared by the torch backends.
+
+Module attribute names are chosen so that `state_dict()` names are exactly the canonical names
+of `param_shapes(spec)` (conv OIHW, linear (out, in)), so weights map 1:1 without renaming.
+No in-place ops: Opacus' backward hooks and torch.func's vmap both dislike them.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from dpscale.models.resnet import GN_EPS, ResNetSpec, blocks, param_shapes
+
+
+def _gn(spec: ResNetSpec, channels: int) -> nn.GroupNorm:
+    return nn.GroupNorm(spec.gn_groups(channels), channels, eps=GN_EPS, affine=True)
+
+
+def _conv(cin: int, cout: int, k: int, stride: int) -> nn.Conv2d:
+    # Explicit symmetric padding k//2, as the spec demands (no "SAME").
+    return nn.Conv2d(cin, cout, k, stride=stride, padding=k // 2, bias=False)
+
+
+class Downsample(nn.Module):
+    """Named `conv` and `gn` (not a Sequential) to match `downsample.conv.weight` etc."""
+
+    def __init__(self, spec: ResNetSpec, cin: int, cout: int, stride: int) -> None:
+        super().__init__()
+        self.conv = _conv(cin, cout, 1, stride)
+        self.gn = _gn(spec, cout)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.gn(self.conv(x))
+
+
+class BasicBlock(nn.Module):
+    def __init__(self, spec: ResNetSpec, cin: int, cout: int, stride: int, down: bool) -> None:
+        super().__init__()
+        self.conv1 = _conv(cin, cout, 3, stride)
+        self.gn1 = _gn(spec, cout)
+        self.conv2 = _conv(cout, cout, 3, 1)
+        self.gn2 = _gn(spec, cout)
+        self.downsample = Downsample(spec, cin, cout, stride) if down else None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = F.relu(self.gn1(self.conv1(x)))
+        out = self.gn2(self.conv2(out))
+        shortcut = x if self.downsample is None else self.downsample(x)
+        return F.relu(out + shortcut)
+
+
+class ResNet18(nn.Module):
+    def __init__(self, spec: ResNetSpec) -> None:
+        super().__init__()
+        self.spec = spec
+        k = 3 if spec.stem_kind == "cifar" else 7
+        self.conv1 = _conv(spec.in_channels, spec.width, k, 1 if k == 3 else 2)
+        self.gn1 = _gn(spec, spec.width)
+        # torch's max pool pads with -inf, as the spec asks.
+        self.maxpool = nn.MaxPool2d(3, 2, 1) if spec.stem_kind == "imagenet" else nn.Identity()
+        stages: dict[str, list[BasicBlock]] = {}
+        for prefix, cin, cout, stride, down in blocks(spec):
+            stage = prefix.split(".")[0]
+            stages.setdefault(stage, []).append(BasicBlock(spec, cin, cout, stride, down))
+        for stage, mods in stages.items():
+            setattr(self, stage, nn.Sequential(*mods))
+        self.fc = nn.Linear(spec.widths()[-1], spec.num_classes)
+        names = [n for n, _ in self.named_parameters()]
+        if names != list(param_shapes(spec)):
+            raise AssertionError("torch ResNet18 parameter names differ from the canonical spec")
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.maxpool(F.relu(self.gn1(self.conv1(x))))
+        x = self.layer4(self.layer3(self.layer2(self.layer1(x))))
+        return self.fc(torch.flatten(F.adaptive_avg_pool2d(x, 1), 1))
+
+
+def pick_device(options: dict) -> torch.device:
+    """`options["device"]`: "auto" (cuda if present), "cpu", "cuda", "cuda:1", ..."""
+    name = options.get("device", "auto")
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    try:
+        return torch.device(name)
+    except RuntimeError as err:
+        raise ValueError(
+            f"backend option device={name!r} is invalid; expected auto, cpu or cuda[:i]"
+        ) from err
+
+
+def set_threads(threads: int) -> None:
+    threads = max(1, int(threads))
+    torch.set_num_threads(threads)
+    os.environ.setdefault("OMP_NUM_THREADS", str(threads))
+
+
+def to_images(x: np.ndarray, device: torch.device) -> torch.Tensor:
+    """(n, H, W, C) float32 NHWC from the runner -> NCHW torch tensor."""
+    return (
+        torch.from_numpy(np.ascontiguousarray(x, dtype=np.float32))
+        .permute(0, 3, 1, 2)
+        .to(device, memory_format=torch.contiguous_format)
+    )
+
+
+def to_labels(y: np.ndarray, device: torch.device) -> torch.Tensor:
+    return torch.from_numpy(np.asarray(y, dtype=np.int64)).to(device)
+
+
+def to_mask(mask: np.ndarray, device: torch.device) -> torch.Tensor:
+    return torch.from_numpy(np.asarray(mask, dtype=bool)).to(device)
+
+
+def load_canonical(model: nn.Module, weights: dict[str, np.ndarray]) -> None:
+    """Copy canonical weights into `model`; any missing, extra or misshapen name is an error."""
+    params = dict(model.named_parameters())
+    missing = sorted(set(params) - set(weights))
+    extra = sorted(set(weights) - set(params))
+    if missing or extra:
+        raise ValueError(
+            f"weights do not match the model: missing {missing[:3]}, unexpected {extra[:3]}; "
+            "expected the canonical names of dpscale.models.resnet.param_shapes"
+        )
+    with torch.no_grad():
+        for name, p in params.items():
+            w = np.asarray(weights[name], dtype=np.float32)
+            if w.shape != tuple(p.shape):
+                raise ValueError(
+                    f"weights[{name!r}] has shape {w.shape}; expected {tuple(p.shape)}"
+                )
+            p.copy_(torch.from_numpy(w))
+
+
+def export_canonical(model: nn.Module) -> dict[str, np.ndarray]:
+    return {
+        n: p.detach().cpu().numpy().astype(np.float32, copy=True)
+        for n, p in model.named_parameters()
+    }
+
+
+@torch.no_grad()
+def predict(model: nn.Module, x: np.ndarray, device: torch.device, chunk: int = 256) -> np.ndarray:
+    model.eval()
+    out = [
+        model(to_images(x[i : i + chunk], device)).float().cpu().numpy()
+        for i in range(0, len(x), chunk)
+    ]
+    model.train()
+    if not out:
+        return np.zeros((0, model.spec.num_classes), np.float32)
+    return np.concatenate(out).astype(np.float32)
+
+
+def versions() -> dict[str, str]:
+    return {"torch": torch.__version__, "numpy": np.__version__}
+
+
+def peak_memory_bytes(device: torch.device) -> int | None:
+    if device.type == "cuda":
+        return int(torch.cuda.max_memory_allocated(device))
+    return None
+
+
+def atomic_save(obj, path: Path) -> None:
+    """torch.save to a temporary file beside `path`, then rename: a kill leaves the old one."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".", suffix=".tmp")
+    os.close(fd)
+    try:
+        torch.save(obj, tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise

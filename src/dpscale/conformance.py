@@ -1,0 +1,242 @@
+"""Drive one backend through the Adapter interface on a fixed case; write what it computed.
+
+    python -m dpscale.conformance --backend NAME --case CASE.npz --out OUT.npz [--options JSON]
+
+Runs inside the backend's own venv and only calls the Adapter interface of base.py, so every
+backend with an adapter module joins by existing. The conformance tests (tests/conformance/,
+base env) write cases with `make_case`, run this once per backend, and compare the outputs with
+the reference backend's.
+
+A case (npz): `spec` (JSON of ResNetSpec), `w/<name>` canonical weights, one padded chunk `x`,
+`y`, `mask` (some padding rows, filled with junk that must not matter), `clip_norm`, `sigma`,
+`expected_batch_size`, `seed`.
+
+The output (npz; `<key>/<name>` are canonical weight-shaped arrays):
+- `num_params`, `roundtrip_max_abs` (set_weights then get_weights), `logits` (predict on x);
+- `grad/*`: clipped gradient sum of the chunk (noise off); `grad_unclipped/*`: the same with a
+  clip norm no gradient reaches (= plain per-example gradient sum);
+- `dp_update/*`, `dp_loss`: one DP step, sigma=0, lr=1, momentum 0, the chunk split into two
+  chunks by complementary masks (= -grad/B: accumulation over chunks);
+- `nonprivate_update/*`, `nonprivate_loss`: one non-private step over the same two chunks;
+- `noise_update/*`: one DP step with sigma on an all-padding chunk (= -noise/B, std sigma*C/B);
+  `noise_update_again/*` the same after reseed(seed) (must be identical), `noise_update_other/*`
+  after reseed(seed + 1) (must differ), `noise_update_2chunks/*` over two all-padding chunks
+  (noise once per logical step: same std);
+- `resume_max_abs`, `resume_preload_max_abs`: a step after load_checkpoint in a fresh adapter
+  (setup then load, and load then setup) against the unbroken adapter's step;
+- `meta`: JSON with mode, device, versions, backend_epsilon for (q=0.01, 100 steps, 1e-5).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+from dpscale import backends
+from dpscale.backends.base import Batch, StepConfig
+from dpscale.models.resnet import ResNetSpec
+
+#: a clip norm no per-example gradient of a tiny model reaches: clipping becomes the identity
+NO_CLIP = 1e9
+#: the privacy question asked of every backend's own accountant
+EPS_QUERY = {"sample_rate": 0.01, "steps": 100, "delta": 1e-5}
+
+
+def make_case(
+    spec: ResNetSpec,
+    weights: dict[str, np.ndarray],
+    x: np.ndarray,
+    y: np.ndarray,
+    mask: np.ndarray,
+    *,
+    clip_norm: float,
+    sigma: float,
+    expected_batch_size: float,
+    seed: int,
+) -> dict[str, np.ndarray]:
+    """The arrays of a case file (np.savez(path, **make_case(...)))."""
+    n = len(x)
+    if x.shape != (n, spec.image_size, spec.image_size, spec.in_channels):
+        raise ValueError(
+            f"case x has shape {x.shape}; expected (n, {spec.image_size}, {spec.image_size}, "
+            f"{spec.in_channels})"
+        )
+    if np.shape(y) != (n,) or np.shape(mask) != (n,):
+        raise ValueError(f"case y {np.shape(y)} / mask {np.shape(mask)}; expected ({n},)")
+    case = {
+        "spec": np.array(json.dumps(spec.to_dict())),
+        "x": np.asarray(x, np.float32),
+        "y": np.asarray(y, np.int64),
+        "mask": np.asarray(mask, bool),
+        "clip_norm": np.float64(clip_norm),
+        "sigma": np.float64(sigma),
+        "expected_batch_size": np.float64(expected_batch_size),
+        "seed": np.int64(seed),
+    }
+    case.update({f"w/{k}": np.asarray(v, np.float32) for k, v in weights.items()})
+    return case
+
+
+def read_case(path: Path) -> dict:
+    with np.load(path) as z:
+        missing = {"spec", "x", "y", "mask", "clip_norm", "sigma", "expected_batch_size", "seed"}
+        missing -= set(z.files)
+        if missing:
+            raise ValueError(f"case {path} lacks {sorted(missing)}; expected a make_case file")
+        return {
+            "spec": ResNetSpec.from_dict(json.loads(str(z["spec"]))),
+            "weights": {k[2:]: z[k] for k in z.files if k.startswith("w/")},
+            "batch": Batch(z["x"], z["y"], z["mask"]),
+            "clip_norm": float(z["clip_norm"]),
+            "sigma": float(z["sigma"]),
+            "expected_batch_size": float(z["expected_batch_size"]),
+            "seed": int(z["seed"]),
+        }
+
+
+def split_chunk(batch: Batch) -> list[Batch]:
+    """Two chunks of the same physical size whose real rows together are the batch's."""
+    real = np.flatnonzero(batch.mask)
+    first = np.zeros_like(batch.mask)
+    first[real[: len(real) // 2]] = True
+    return [Batch(batch.x, batch.y, first), Batch(batch.x, batch.y, batch.mask & ~first)]
+
+
+def padding_only(batch: Batch) -> Batch:
+    return Batch(batch.x, batch.y, np.zeros_like(batch.mask))
+
+
+def _delta(after: dict, before: dict) -> dict[str, np.ndarray]:
+    return {k: (after[k].astype(np.float64) - before[k]).astype(np.float32) for k in before}
+
+
+def _max_abs(a: dict, b: dict) -> float:
+    if set(a) != set(b):
+        raise ValueError(
+            f"weight names differ: {sorted(set(a) ^ set(b))[:3]}; expected the canonical names"
+        )
+    return max(float(np.max(np.abs(np.asarray(a[k]) - np.asarray(b[k])), initial=0)) for k in a)
+
+
+def run(backend: str, case: dict, options: dict, threads: int = 1, log=sys.stderr) -> dict:
+    """Everything the conformance tests compare, as a flat dict of arrays."""
+    start = time.perf_counter()
+
+    def say(what: str) -> None:
+        print(f"[{time.perf_counter() - start:6.1f}s] {backend}: {what}", file=log, flush=True)
+
+    Adapter = backends.load(backend)
+    spec, w0, batch = case["spec"], case["weights"], case["batch"]
+    C, sigma, B, seed = case["clip_norm"], case["sigma"], case["expected_batch_size"], case["seed"]
+    P = len(batch.x)
+    chunks, empty = split_chunk(batch), padding_only(batch)
+    out: dict[str, np.ndarray] = {}
+
+    def put(prefix: str, arrays: dict) -> None:
+        out.update({f"{prefix}/{k}": np.asarray(v) for k, v in arrays.items()})
+
+    def step_from(adapter, chunk_list, lr=1.0) -> tuple[dict, float]:
+        adapter.set_weights(w0)
+        before = adapter.get_weights()
+        loss = adapter.train_step(chunk_list, lr)
+        return _delta(adapter.get_weights(), before), float(loss)
+
+    adapter = Adapter(spec, options, seed, threads)
+    say(f"built, mode {adapter.mode!r}, device {adapter.device()}")
+    out["num_params"] = np.int64(adapter.num_params())
+    adapter.set_weights(w0)
+    out["roundtrip_max_abs"] = np.float64(_max_abs(adapter.get_weights(), w0))
+    out["logits"] = adapter.predict(batch.x)
+    say("logits")
+    put("grad", adapter.clipped_grad_sum(batch, C))
+    put("grad_unclipped", adapter.clipped_grad_sum(batch, NO_CLIP))
+    say("clipped gradient sums")
+
+    adapter.setup_training(StepConfig(True, C, 0.0, B, 0.0, P))
+    update, out["dp_loss"] = step_from(adapter, chunks)
+    put("dp_update", update)
+    adapter.setup_training(StepConfig(False, C, 0.0, B, 0.0, P))
+    update, out["nonprivate_loss"] = step_from(adapter, chunks)
+    put("nonprivate_update", update)
+    say("noise-free DP step and non-private step")
+
+    adapter.setup_training(StepConfig(True, C, sigma, B, 0.0, P))
+    for key, reseed, batches in [
+        ("noise_update", seed, [empty]),
+        ("noise_update_again", seed, [empty]),
+        ("noise_update_other", seed + 1, [empty]),
+        ("noise_update_2chunks", seed + 2, [empty, empty]),
+    ]:
+        adapter.reseed(reseed)
+        put(key, step_from(adapter, batches)[0])
+    say("noise-only steps")
+
+    # Resume: a step after loading a checkpoint must equal the unbroken adapter's step.
+    train_cfg = StepConfig(True, C, sigma, B, 0.9, P)
+    adapter.setup_training(train_cfg)
+    adapter.set_weights(w0)
+    adapter.reseed(seed)
+    adapter.train_step(chunks, 0.1)
+    with tempfile.TemporaryDirectory() as tmp:
+        ckpt = Path(tmp) / "checkpoint"
+        adapter.save_checkpoint(ckpt)
+        adapter.reseed(seed + 3)
+        adapter.train_step(chunks, 0.1)
+        unbroken = adapter.get_weights()
+        for key, preload in [("resume_max_abs", False), ("resume_preload_max_abs", True)]:
+            fresh = Adapter(spec, options, seed + 7, threads)
+            if preload:
+                fresh.load_checkpoint(ckpt)
+                fresh.setup_training(train_cfg)
+            else:
+                fresh.setup_training(train_cfg)
+                fresh.load_checkpoint(ckpt)
+            fresh.reseed(seed + 3)
+            fresh.train_step(chunks, 0.1)
+            out[key] = np.float64(_max_abs(fresh.get_weights(), unbroken))
+    say("checkpoint resume")
+
+    meta = {
+        "backend": backend,
+        "options": options,
+        "mode": adapter.mode,
+        "device": adapter.device(),
+        "versions": adapter.versions(),
+        "epsilon_query": EPS_QUERY,
+        "backend_epsilon": adapter.backend_epsilon(**EPS_QUERY),
+        "seconds": time.perf_counter() - start,
+    }
+    out["meta"] = np.array(json.dumps(meta))
+    say("done")
+    return out
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--backend", required=True, help="a dpscale.backends name")
+    parser.add_argument("--case", required=True, type=Path, help="case .npz from make_case")
+    parser.add_argument("--out", required=True, type=Path, help="output .npz")
+    parser.add_argument("--options", default="{}", help="backend options as a JSON object")
+    parser.add_argument("--threads", type=int, default=1)
+    args = parser.parse_args(argv)
+    try:
+        options = json.loads(args.options)
+    except json.JSONDecodeError as err:
+        parser.error(f"--options is not JSON ({err}); expected an object like '{{\"k\": 1}}'")
+    if not isinstance(options, dict):
+        parser.error(f"--options is {type(options).__name__}; expected a JSON object")
+    if not args.case.exists():
+        parser.error(f"--case {args.case} does not exist; expected a make_case .npz")
+    out = run(args.backend, read_case(args.case), options, args.threads)
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    np.savez(args.out, **out)
+
+
+if __name__ == "__main__":
+    main()
