@@ -5,7 +5,7 @@
 Runs inside the backend's own venv and only calls the Adapter interface of base.py, so every
 backend with an adapter module joins by existing. The conformance tests (tests/conformance/,
 base env) write cases with `make_case`, run this once per backend, and compare the outputs with
-the reference backend's.
+the reference backend's. `--case`/`--out` may repeat, in pairs.
 
 A case (npz): `spec` (JSON of ResNetSpec), `w/<name>` canonical weights, one padded chunk `x`,
 `y`, `mask` (some padding rows, filled with junk that must not matter), `clip_norm`, `sigma`,
@@ -220,8 +220,9 @@ def run(backend: str, case: dict, options: dict, threads: int = 1, log=sys.stder
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--backend", required=True, help="a dpscale.backends name")
-    parser.add_argument("--case", required=True, type=Path, help="case .npz from make_case")
-    parser.add_argument("--out", required=True, type=Path, help="output .npz")
+    # Repeatable: several cases in one process pay the framework's import once.
+    parser.add_argument("--case", required=True, type=Path, action="append", help="case .npz")
+    parser.add_argument("--out", required=True, type=Path, action="append", help="output .npz")
     parser.add_argument("--options", default="{}", help="backend options as a JSON object")
     parser.add_argument("--threads", type=int, default=1)
     args = parser.parse_args(argv)
@@ -231,11 +232,15 @@ def main(argv=None) -> None:
         parser.error(f"--options is not JSON ({err}); expected an object like '{{\"k\": 1}}'")
     if not isinstance(options, dict):
         parser.error(f"--options is {type(options).__name__}; expected a JSON object")
-    if not args.case.exists():
-        parser.error(f"--case {args.case} does not exist; expected a make_case .npz")
-    out = run(args.backend, read_case(args.case), options, args.threads)
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    np.savez(args.out, **out)
+    if len(args.case) != len(args.out):
+        parser.error(f"{len(args.case)} --case but {len(args.out)} --out; expected one per case")
+    for case in args.case:
+        if not case.exists():
+            parser.error(f"--case {case} does not exist; expected a make_case .npz")
+    for case, out_path in zip(args.case, args.out, strict=True):
+        out = run(args.backend, read_case(case), options, args.threads)
+        out_path.parent.mkdir(parents=True, exist_ok=True)
+        np.savez(out_path, **out)
 
 
 if __name__ == "__main__":
