@@ -1,0 +1,116 @@
+"""Pieces shared by the JAX-based backends (objax, jax) that import no framework.
+
+Both backends run in their own venvs with different JAX releases (0.5.3 for Objax, current
+for jax), so everything here is plain numpy/stdlib and works under either.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+
+import numpy as np
+
+# XLA's CPU client has no "use N threads" option: the pool is sized by the CPUs the process may
+# run on (a SLURM cgroup or taskset bounds it). One thread can be forced with these two flags.
+SINGLE_THREAD_FLAGS = ("--xla_cpu_multi_thread_eigen=false", "intra_op_parallelism_threads=1")
+
+
+def xla_flags(threads: int, current: str = "") -> str:
+    """XLA_FLAGS for a run limited to `threads` threads (only 1 can be enforced); `current` kept."""
+    flags = current.split()
+    if int(threads) == 1:
+        flags += [f for f in SINGLE_THREAD_FLAGS if f not in flags]
+    return " ".join(flags)
+
+
+def configure_threads(threads: int) -> bool:
+    """Set XLA_FLAGS before the first computation (XLA reads them when its CPU client starts).
+
+    Returns False if a JAX backend was already started in this process, so the flags are late.
+    """
+    os.environ["XLA_FLAGS"] = xla_flags(threads, os.environ.get("XLA_FLAGS", ""))
+    try:
+        from jax._src import xla_bridge
+
+        return not xla_bridge._backends
+    except (ImportError, AttributeError):  # private API: a missing name means "can't tell"
+        return True
+
+
+def thread_note(threads: int) -> str:
+    """How many threads XLA really uses, in words, for the run's metrics."""
+    if int(threads) == 1:
+        return "1 (XLA single-thread flags)"
+    return f"XLA pool over {len(os.sched_getaffinity(0))} schedulable CPUs (asked {threads})"
+
+
+def check_batch(x: np.ndarray, y: np.ndarray, mask: np.ndarray, physical: int | None) -> None:
+    """One-line errors for a malformed padded chunk."""
+    n = len(x)
+    if np.shape(y) != (n,) or np.shape(mask) != (n,):
+        raise ValueError(
+            f"batch has x {np.shape(x)}, y {np.shape(y)}, mask {np.shape(mask)}; "
+            "expected one label and one mask entry per image"
+        )
+    if np.ndim(x) != 4 or np.shape(x)[-1] != 3:
+        raise ValueError(f"batch x has shape {np.shape(x)}; expected (n, H, W, 3) NHWC images")
+    if physical is not None and n != physical:
+        raise ValueError(
+            f"batch has {n} rows; expected the physical batch size {physical} (pad with a mask)"
+        )
+
+
+def pad_rows(x: np.ndarray, rows: int) -> np.ndarray:
+    """`x` padded with zero rows to `rows` rows (so a fixed-shape jitted function can take it)."""
+    if len(x) == rows:
+        return x
+    pad = np.zeros((rows - len(x), *x.shape[1:]), dtype=x.dtype)
+    return np.concatenate([x, pad])
+
+
+def save_npz_atomic(path: Path, arrays: dict[str, np.ndarray]) -> None:
+    """np.savez to a temporary file in the same folder, then rename: a kill leaves the old one."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            np.savez(f, **arrays)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def load_npz(path: Path, fmt: str) -> dict[str, np.ndarray]:
+    """Arrays of a checkpoint written by save_npz_atomic with `format` == fmt."""
+    with np.load(Path(path), allow_pickle=False) as z:
+        arrays = {k: z[k] for k in z.files}
+    found = str(arrays.pop("format", ""))
+    if found != fmt:
+        raise ValueError(f"{path} has checkpoint format {found!r}; expected {fmt!r}")
+    return arrays
+
+
+def split_checkpoint(arrays: dict[str, np.ndarray], names) -> tuple[dict, dict]:
+    """(weights, momentum) by canonical name from a checkpoint's `w/<name>`, `m/<name>` arrays."""
+    missing = [n for n in names if f"w/{n}" not in arrays or f"m/{n}" not in arrays]
+    if missing:
+        raise ValueError(f"checkpoint lacks weights or momentum for {missing[:3]}; expected all")
+    return {n: arrays[f"w/{n}"] for n in names}, {n: arrays[f"m/{n}"] for n in names}
+
+
+def check_weights(weights: dict[str, np.ndarray], shapes: dict[str, tuple]) -> None:
+    """One-line error unless `weights` has exactly the canonical names and shapes."""
+    missing = [n for n in shapes if n not in weights]
+    extra = [n for n in weights if n not in shapes]
+    if missing or extra:
+        raise ValueError(
+            f"weights missing {missing[:3]} / unexpected {extra[:3]}; expected the canonical names "
+            "of dpscale.models.resnet.param_shapes"
+        )
+    for n, shape in shapes.items():
+        if tuple(np.shape(weights[n])) != tuple(shape):
+            raise ValueError(f"weight {n} has shape {np.shape(weights[n])}; expected {shape}")

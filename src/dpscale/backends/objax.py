@@ -1,0 +1,379 @@
+"""Objax backend: DP-SGD through `objax.privacy.dpsgd.PrivateGradValues` under `objax.Jit`.
+
+Objax 1.8.0 is unmaintained and runs on jax 0.5.3 only (workflow/envs/objax.txt). The model is
+dpscale.models.resnet built from objax.nn layers (NCHW activations, HWIO conv kernels).
+
+How the contract (base.py) is met with PrivateGradValues (PGV), which per call clips every
+microbatch's gradient, *averages* over the chunk and adds its own noise of std
+sigma*C/num_microbatches:
+- PGV runs with microbatch=1 (per-example clipping) and noise_multiplier=0, so it returns the
+  mean of clipped per-example gradients over the P rows of a fixed-size chunk. The loss it
+  differentiates is multiplied by the row's mask, so a padding row's gradient is exactly zero
+  (and clipping leaves zero at zero): mean * P is the clipped sum over the real rows.
+- Chunk sums are accumulated over the logical batch; then noise N(0, (sigma*C)^2) is drawn once
+  per logical step from this adapter's own objax.random.Generator and the sum divided by the
+  expected batch size B (not the realized size), then objax.optimizer.Momentum (PyTorch
+  convention: m = g + mu*m; w -= lr*m).
+- Every jitted function sees fixed shapes (P rows; lr, std and B as traced scalars), so Poisson
+  batches of any size never recompile.
+
+Options: `use_norm_accumulation` (PGV's two-pass mode, default false), `eval_batch_size`
+(prediction chunk, default 128).
+"""
+
+from __future__ import annotations
+
+import inspect
+import warnings
+from pathlib import Path
+
+import jax
+import jax.numpy as jn
+import numpy as np
+import objax
+from objax.privacy.dpsgd import PrivateGradValues, analyze_dp
+
+from dpscale.backends import _jax_common as jc
+from dpscale.backends.base import Adapter as BaseAdapter
+from dpscale.backends.base import Batch, StepConfig
+from dpscale.models.resnet import GN_EPS, ResNetSpec, blocks, init_weights, param_shapes
+
+# Objax 1.8 calls jax.tree_map, deprecated (not yet removed) in jax 0.5.3.
+warnings.filterwarnings("ignore", message=".*jax.tree_map is deprecated.*")
+
+KNOWN_OPTIONS = {"use_norm_accumulation", "eval_batch_size"}
+CHECKPOINT_FORMAT = "dpscale-objax-1"
+# analyze_dp's own default order list, recorded with its epsilon.
+OBJAX_ORDERS = tuple(inspect.signature(analyze_dp).parameters["orders"].default)
+
+
+# -- canonical (PyTorch) layout <-> objax layout, pure numpy ----------------------------------
+def to_objax(kind: str, w: np.ndarray) -> np.ndarray:
+    if kind == "conv":  # OIHW -> HWIO
+        return np.transpose(w, (2, 3, 1, 0))
+    if kind == "gn":  # (C,) -> (1, C, 1, 1), broadcast over NCHW
+        return w.reshape(1, -1, 1, 1)
+    if kind == "fc_w":  # (out, in) -> (in, out)
+        return w.T
+    return w
+
+
+def to_canonical(kind: str, w: np.ndarray) -> np.ndarray:
+    if kind == "conv":  # HWIO -> OIHW
+        return np.transpose(w, (3, 2, 0, 1))
+    if kind == "gn":
+        return w.reshape(-1)
+    if kind == "fc_w":
+        return w.T
+    return w
+
+
+# -- the model --------------------------------------------------------------------------------
+def _conv(cin: int, cout: int, k: int, stride: int, pad: int) -> objax.nn.Conv2D:
+    # Explicit symmetric padding: objax's SAME pads stride-2 convs asymmetrically.
+    return objax.nn.Conv2D(cin, cout, k, strides=stride, padding=pad, use_bias=False)
+
+
+class _Block(objax.Module):
+    def __init__(self, spec: ResNetSpec, cin: int, cout: int, stride: int, down: bool):
+        g = spec.gn_groups(cout)
+        self.conv1 = _conv(cin, cout, 3, stride, 1)
+        self.gn1 = objax.nn.GroupNorm2D(cout, groups=g, eps=GN_EPS)
+        self.conv2 = _conv(cout, cout, 3, 1, 1)
+        self.gn2 = objax.nn.GroupNorm2D(cout, groups=g, eps=GN_EPS)
+        self.down = down
+        if down:
+            self.down_conv = _conv(cin, cout, 1, stride, 0)
+            self.down_gn = objax.nn.GroupNorm2D(cout, groups=g, eps=GN_EPS)
+
+    def __call__(self, x):
+        out = objax.functional.relu(self.gn1(self.conv1(x)))
+        out = self.gn2(self.conv2(out))
+        short = self.down_gn(self.down_conv(x)) if self.down else x
+        return objax.functional.relu(out + short)
+
+    def named(self, prefix: str) -> list[tuple[str, str, objax.TrainVar]]:
+        out = [
+            (f"{prefix}.conv1.weight", "conv", self.conv1.w),
+            (f"{prefix}.gn1.weight", "gn", self.gn1.gamma),
+            (f"{prefix}.gn1.bias", "gn", self.gn1.beta),
+            (f"{prefix}.conv2.weight", "conv", self.conv2.w),
+            (f"{prefix}.gn2.weight", "gn", self.gn2.gamma),
+            (f"{prefix}.gn2.bias", "gn", self.gn2.beta),
+        ]
+        if self.down:
+            out += [
+                (f"{prefix}.downsample.conv.weight", "conv", self.down_conv.w),
+                (f"{prefix}.downsample.gn.weight", "gn", self.down_gn.gamma),
+                (f"{prefix}.downsample.gn.bias", "gn", self.down_gn.beta),
+            ]
+        return out
+
+
+class ResNet18(objax.Module):
+    """dpscale.models.resnet's ResNet-18 in objax; takes NHWC images like the other backends."""
+
+    def __init__(self, spec: ResNetSpec):
+        self.imagenet = spec.stem_kind == "imagenet"
+        k, s, p = (7, 2, 3) if self.imagenet else (3, 1, 1)
+        self.conv1 = _conv(spec.in_channels, spec.width, k, s, p)
+        self.gn1 = objax.nn.GroupNorm2D(spec.width, groups=spec.gn_groups(spec.width), eps=GN_EPS)
+        layout = list(blocks(spec))
+        self.blocks = objax.ModuleList(_Block(spec, *b[1:]) for b in layout)
+        self.fc = objax.nn.Linear(spec.widths()[-1], spec.num_classes)
+        named = [
+            ("conv1.weight", "conv", self.conv1.w),
+            ("gn1.weight", "gn", self.gn1.gamma),
+            ("gn1.bias", "gn", self.gn1.beta),
+        ]
+        for (prefix, *_), block in zip(layout, self.blocks, strict=True):
+            named += block.named(prefix)
+        named += [("fc.weight", "fc_w", self.fc.w), ("fc.bias", "fc_b", self.fc.b)]
+        #: canonical name -> (layout kind, objax variable)
+        self.canonical = {n: (kind, var) for n, kind, var in named}
+
+    def __call__(self, x):
+        x = x.transpose((0, 3, 1, 2))  # NHWC -> NCHW, objax's layout
+        x = objax.functional.relu(self.gn1(self.conv1(x)))
+        if self.imagenet:  # objax pads max-pooling with -inf, as the spec asks
+            x = objax.functional.max_pool_2d(x, 3, 2, padding=1)
+        for block in self.blocks:
+            x = block(x)
+        return self.fc(x.mean((2, 3)))
+
+
+class Adapter(BaseAdapter):
+    mode = "objax-pgv"
+
+    def __init__(self, spec: ResNetSpec, options: dict, seed: int, threads: int) -> None:
+        super().__init__(spec, options, seed, threads)
+        unknown = sorted(set(self.options) - KNOWN_OPTIONS)
+        if unknown:
+            raise ValueError(
+                f"unknown objax backend option(s) {unknown}; expected {sorted(KNOWN_OPTIONS)}"
+            )
+        self._threads_applied = jc.configure_threads(threads)  # before any computation
+        self._norm_acc = bool(self.options.get("use_norm_accumulation", False))
+        if self._norm_acc:
+            self.mode = "objax-pgv-normacc"
+        self._eval_rows = int(self.options.get("eval_batch_size", 128))
+        if self._eval_rows < 1:
+            raise ValueError(f"objax option eval_batch_size={self._eval_rows}; expected >= 1")
+
+        self.model = ResNet18(spec)
+        self._shapes = param_shapes(spec)
+        self.model_vars = self.model.vars()
+        # Gradients (GradValues, PGV) and Momentum come in the order of the trainable variables.
+        by_id = {id(var): name for name, (_, var) in self.model.canonical.items()}
+        self._order = [by_id[id(v)] for v in self.model_vars.subset(objax.TrainVar).values()]
+        self.set_weights(init_weights(spec, seed))
+
+        self._noise_gen = objax.random.Generator(seed)  # the DP noise, one draw per step
+        self._pgv_gen = objax.random.Generator(seed)  # PGV's own noise, scaled by 0 here
+        self._opt = objax.optimizer.Momentum(self.model_vars, momentum=0.0)
+        self._gv = objax.GradValues(self._masked_loss_sum, self.model_vars)
+        self._predict = objax.Jit(lambda x: self.model(x), self.model_vars)
+        self._nonprivate_chunk = objax.Jit(lambda x, y, m: self._gv(x, y, m), self._gv.vars())
+        self._add = jax.jit(lambda a, b: [u + v for u, v in zip(a, b, strict=True)])
+        self._dp_chunks: dict[float, objax.Jit] = {}
+        self._step: StepConfig | None = None
+        self._momentum_loaded = False
+
+    # -- model ------------------------------------------------------------------------------
+    def num_params(self) -> int:
+        return int(sum(np.prod(v.value.shape) for _, v in self.model.canonical.values()))
+
+    def get_weights(self) -> dict[str, np.ndarray]:
+        return {
+            n: to_canonical(kind, np.asarray(var.value, dtype=np.float32))
+            for n, (kind, var) in self.model.canonical.items()
+        }
+
+    def set_weights(self, weights: dict[str, np.ndarray]) -> None:
+        jc.check_weights(weights, self._shapes)
+        for n, (kind, var) in self.model.canonical.items():
+            var.assign(jn.asarray(to_objax(kind, np.asarray(weights[n], dtype=np.float32))))
+
+    def predict(self, x: np.ndarray) -> np.ndarray:
+        x = np.asarray(x, dtype=np.float32)
+        n = len(x)
+        # A few fixed shapes only: full chunks of eval_rows, smaller inputs padded to a power of 2.
+        rows = min(self._eval_rows, 1 << max(n - 1, 0).bit_length())
+        out = []
+        for i in range(0, n, rows):
+            part = x[i : i + rows]
+            out.append(np.asarray(self._predict(jc.pad_rows(part, rows)))[: len(part)])
+        if not out:
+            return np.zeros((0, self.spec.num_classes), dtype=np.float32)
+        return np.concatenate(out).astype(np.float32)
+
+    # -- the math ---------------------------------------------------------------------------
+    def _masked_loss_sum(self, x, y, m):
+        """Sum of per-example cross-entropy times the mask: padding rows add 0 and get grad 0."""
+        losses = objax.functional.loss.cross_entropy_logits_sparse(self.model(x), y)
+        return (losses * m).sum()
+
+    def _dp_chunk(self, clip_norm: float) -> objax.Jit:
+        """Jitted (x, y, mask) -> (clipped grad sum over real rows, loss sum), via PGV."""
+        if clip_norm not in self._dp_chunks:
+            pgv = PrivateGradValues(
+                self._masked_loss_sum,
+                self.model_vars,
+                noise_multiplier=0.0,  # noise is added once per logical batch, not per chunk
+                l2_norm_clip=float(clip_norm),
+                microbatch=1,
+                batch_axis=(0, 0, 0),
+                keygen=self._pgv_gen,
+                use_norm_accumulation=self._norm_acc,
+            )
+
+            def chunk(x, y, m):
+                g, values = pgv(x, y, m)
+                rows = x.shape[0]  # PGV averaged over all rows; padding rows added zeros
+                return [gi * rows for gi in g], values[0] * rows
+
+            self._dp_chunks[clip_norm] = objax.Jit(chunk, pgv.vars())
+        return self._dp_chunks[clip_norm]
+
+    def _device_batch(self, batch: Batch, physical: int | None):
+        jc.check_batch(batch.x, batch.y, batch.mask, physical)
+        return (
+            jn.asarray(batch.x, dtype=jn.float32),
+            jn.asarray(batch.y, dtype=jn.int32),
+            jn.asarray(batch.mask, dtype=jn.float32),
+        )
+
+    def _grads_to_canonical(self, grads) -> dict[str, np.ndarray]:
+        kinds = {n: kind for n, (kind, _) in self.model.canonical.items()}
+        return {
+            n: to_canonical(kinds[n], np.asarray(g, dtype=np.float32))
+            for n, g in zip(self._order, grads, strict=True)
+        }
+
+    # -- training ---------------------------------------------------------------------------
+    def setup_training(self, step: StepConfig) -> None:
+        if step.private and (step.clip_norm <= 0 or step.expected_batch_size <= 0):
+            raise ValueError(
+                f"DP step needs clip_norm > 0 and expected_batch_size > 0; got "
+                f"{step.clip_norm} and {step.expected_batch_size}"
+            )
+        if step.private and step.noise_multiplier < 0:
+            raise ValueError(f"noise_multiplier={step.noise_multiplier}; expected >= 0")
+        self._step = step
+        self._opt.momentum = float(step.momentum)
+        if not self._momentum_loaded:
+            for m in self._opt.m:
+                m.assign(jn.zeros_like(m.value))
+        self._momentum_loaded = False
+        opt_vars = self.model_vars + self._opt.vars()
+
+        def apply_noisy(gsum, lr, std, divisor):
+            noisy = [
+                (g + objax.random.normal(g.shape, stddev=std, generator=self._noise_gen)) / divisor
+                for g in gsum
+            ]
+            self._opt(lr, noisy)
+
+        def apply_plain(gsum, lr, divisor):
+            self._opt(lr, [g / divisor for g in gsum])
+
+        self._apply_noisy = objax.Jit(apply_noisy, opt_vars + self._noise_gen.vars())
+        self._apply_plain = objax.Jit(apply_plain, opt_vars)
+        if step.private:
+            self._dp_chunk(step.clip_norm)
+
+    def train_step(self, chunks: list[Batch], lr: float) -> float:
+        if self._step is None:
+            raise RuntimeError("train_step called before setup_training")
+        cfg = self._step
+        gsum, loss_sum, count = None, 0.0, 0
+        for batch in chunks:
+            n = batch.size
+            if n == 0:  # an all-padding chunk adds nothing; skip its compute
+                continue
+            x, y, m = self._device_batch(batch, cfg.physical_batch_size)
+            if cfg.private:
+                g, loss = self._dp_chunk(cfg.clip_norm)(x, y, m)
+            else:
+                g, (loss,) = self._nonprivate_chunk(x, y, m)
+            gsum = g if gsum is None else self._add(gsum, g)
+            loss_sum += float(loss)
+            count += n
+        if gsum is None:  # Poisson sampling drew nobody: the step is noise (or nothing) alone
+            gsum = [jn.zeros_like(v.value) for v in self.model_vars.subset(objax.TrainVar)]
+        if cfg.private:
+            std = cfg.noise_multiplier * cfg.clip_norm
+            self._apply_noisy(gsum, lr, std, cfg.expected_batch_size)
+        else:
+            self._apply_plain(gsum, lr, float(max(count, 1)))
+        return loss_sum / count if count else 0.0
+
+    def clipped_grad_sum(self, batch: Batch, clip_norm: float) -> dict[str, np.ndarray]:
+        x, y, m = self._device_batch(batch, None)
+        grads, _ = self._dp_chunk(clip_norm)(x, y, m)
+        return self._grads_to_canonical(grads)
+
+    def reseed(self, seed: int) -> None:
+        self._noise_gen.seed(int(seed))
+        self._pgv_gen.seed(int(seed))
+
+    # -- checkpoints ------------------------------------------------------------------------
+    def save_checkpoint(self, path: Path) -> None:
+        arrays = {"format": np.array(CHECKPOINT_FORMAT)}
+        arrays.update({f"w/{n}": w for n, w in self.get_weights().items()})
+        arrays.update({f"m/{n}": m for n, m in self._grads_to_canonical(self._opt.m).items()})
+        arrays["noise_key"] = np.asarray(self._noise_gen.key.value)
+        jc.save_npz_atomic(Path(path), arrays)
+
+    def load_checkpoint(self, path: Path) -> None:
+        arrays = jc.load_npz(Path(path), CHECKPOINT_FORMAT)
+        weights, momentum = jc.split_checkpoint(arrays, list(self._shapes))
+        self.set_weights(weights)
+        kinds = {n: kind for n, (kind, _) in self.model.canonical.items()}
+        for n, m in zip(self._order, self._opt.m, strict=True):
+            m.assign(jn.asarray(to_objax(kinds[n], momentum[n])))
+        if "noise_key" in arrays:
+            self._noise_gen.key.assign(jn.asarray(arrays["noise_key"]))
+        # setup_training, if it comes after this, must keep the loaded momentum.
+        self._momentum_loaded = self._step is None
+
+    # -- reporting --------------------------------------------------------------------------
+    def backend_epsilon(self, sample_rate: float, steps: int, delta: float) -> dict | None:
+        if self._step is None or not self._step.private:
+            return None
+        sigma = float(self._step.noise_multiplier)
+        eps = analyze_dp(
+            q=float(sample_rate),
+            noise_multiplier=sigma,
+            steps=int(steps),
+            orders=OBJAX_ORDERS,
+            delta=float(delta),
+        )
+        return {
+            "epsilon": float(eps),
+            "accountant": "objax.privacy.dpsgd.analyze_dp (RDP)",
+            "rdp_orders": [float(o) for o in OBJAX_ORDERS],
+            "delta": float(delta),
+            "sampling": "poisson",
+            "sample_rate": float(sample_rate),
+            "noise_multiplier": sigma,
+            "steps": int(steps),
+        }
+
+    def device(self) -> str:
+        d = jax.devices()[0]
+        return f"{d.platform}:{d.device_kind}"
+
+    def peak_memory_bytes(self) -> int | None:
+        stats = jax.devices()[0].memory_stats()  # None on CPU
+        return int(stats["peak_bytes_in_use"]) if stats and "peak_bytes_in_use" in stats else None
+
+    def versions(self) -> dict[str, str]:
+        import jaxlib
+
+        return {
+            "objax": objax.__version__,
+            "jax": jax.__version__,
+            "jaxlib": jaxlib.__version__,
+            "threads": jc.thread_note(self.threads),
+        }
