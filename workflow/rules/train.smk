@@ -60,3 +60,8 @@ use rule train as train_reference with:
 use rule train as train_opacus with:
     wildcard_constraints:
         backend="opacus",
+
+
+use rule train as train_tfprivacy with:
+    wildcard_constraints:
+        backend="tfprivacy",
