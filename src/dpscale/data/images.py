@@ -44,8 +44,9 @@ def center_box(width: int, height: int) -> tuple[float, float, float, float]:
 
 def square(img: Image.Image, size: int, draft: bool = True) -> np.ndarray:
     """Shorter side to `size`, center crop to size x size, RGB: uint8 (size, size, 3)."""
-    if draft and img.format == "JPEG":
-        # Only shrinks by powers of two while both sides stay >= size, so quality is kept.
+    if draft:
+        # JPEG (and MPO) only, a no-op for other formats: libjpeg scales by 1/2, 1/4 or 1/8
+        # while both sides stay >= size, so the resize below still only shrinks.
         img.draft("RGB", (size, size))
     if img.mode != "RGB":
         # Palette/alpha/grey/CMYK -> RGB; alpha is dropped (composited on black by convert).

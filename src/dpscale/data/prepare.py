@@ -81,7 +81,7 @@ def _decode_all(items, size, draft, threads, out, log):
         pending = deque()
         for span, task in zip(spans, tasks, strict=True):
             pending.append((span, pool.submit(_decode_chunk, task)))
-            if len(pending) >= 4 * threads:
+            if len(pending) >= 2 * threads:
                 span0, fut = pending.popleft()
                 take(span0, fut.result())
         while pending:
