@@ -1,0 +1,185 @@
+"""`python -m dpscale.privacy.calibrate`: a privacy level -> privacy/<split>/<level>.json.
+
+The only place the pipeline computes epsilon for planning. From the split's training-set size
+and the config's batch size, epochs, delta and headline accountant it fixes the Poisson sample
+rate q, the step count and sigma (calibrated for eps<target>, given for sigma<multiplier>, 0
+for none) and records epsilon under both accountants, plus the headline epsilon after each
+epoch so the training log can show epsilon so far without dp-accounting in a backend's venv.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+from dpscale.config import ConfigError, parse_level
+from dpscale.privacy import accountant as acc
+
+
+def schedule(n_train: int, batch_size: int, epochs: float) -> dict:
+    """Sample rate, steps per epoch and steps: the batch plan the accountant assumes."""
+    if n_train < 1:
+        raise ConfigError("config error: splits: the training set is empty; expected n_train >= 1")
+    q = batch_size / n_train
+    if q > 1:
+        raise ConfigError(
+            f"config error: training.batch_size: {batch_size} is larger than the training set "
+            f"({n_train} examples); expected batch_size <= n_train"
+        )
+    if not epochs > 0:
+        raise ConfigError(f"config error: training.epochs: {epochs}; expected a positive number")
+    steps_per_epoch = max(1, round(1 / q))
+    return {
+        "sample_rate": q,
+        "steps_per_epoch": steps_per_epoch,
+        "steps": max(1, round(epochs * steps_per_epoch)),
+        "expected_batch_size": q * n_train,
+    }
+
+
+def privacy_plan(
+    level: str,
+    n_train: int,
+    batch_size: int,
+    epochs: float,
+    delta: float,
+    accountant: str = "rdp",
+) -> dict:
+    """The privacy file's content for one level (pure; see docs/architecture.md)."""
+    if accountant not in acc.ACCOUNTANTS:
+        raise ConfigError(
+            f"config error: privacy.accountant: {accountant!r}; expected one of rdp, pld"
+        )
+    parsed = parse_level(level)
+    plan = schedule(n_train, batch_size, epochs)
+    q, steps, per_epoch = plan["sample_rate"], plan["steps"], plan["steps_per_epoch"]
+    n_epochs = len(acc.epoch_steps(steps, per_epoch))
+    record = {
+        "level": level,
+        "private": parsed["private"],
+        "noise_multiplier": 0.0,
+        **plan,
+        "n_train": int(n_train),
+        "epochs": epochs,
+        "delta": delta,
+        "epsilon": None,
+        "accountant": accountant,
+        "eps_rdp": None,
+        "eps_pld": None,
+        "rdp_orders": list(acc.RDP_ORDERS),
+        "pld_value_discretization_interval": acc.PLD_VALUE_DISCRETIZATION_INTERVAL,
+        "sampling": acc.SAMPLING,
+        "neighboring_relation": acc.NEIGHBORING,
+        "target_epsilon": parsed["target_epsilon"],
+        "calibration_rtol": None,
+        # null = infinite epsilon (non-private); one entry per epoch either way.
+        "eps_by_epoch": [None] * n_epochs,
+    }
+    if not parsed["private"]:
+        return record
+    if not delta < 1 / n_train:
+        raise ConfigError(
+            f"config error: privacy.delta: {delta:g} is not below 1/n_train = {1 / n_train:.3g} "
+            f"(n_train = {n_train}); expected delta < 1/n_train"
+        )
+    if parsed["target_epsilon"] is not None:
+        sigma = acc.calibrate_sigma(parsed["target_epsilon"], q, steps, delta, accountant)
+        record["calibration_rtol"] = acc.CALIBRATION_RTOL
+    else:
+        sigma = parsed["noise_multiplier"]
+        if not sigma > 0:
+            raise ConfigError(
+                f"config error: privacy.levels: {level!r} adds no noise; expected sigma > 0, "
+                "or the level none for non-private training"
+            )
+    record["noise_multiplier"] = sigma
+    record["eps_rdp"] = acc.epsilon_rdp(q, sigma, steps, delta)
+    record["eps_pld"] = acc.epsilon_pld(q, sigma, steps, delta)
+    record["epsilon"] = record[f"eps_{accountant}"]
+    by_epoch = acc.epoch_steps(steps, per_epoch)
+    # The last epoch is the whole run, already computed above.
+    record["eps_by_epoch"] = [
+        acc.epsilon(q, sigma, k, delta, accountant) for k in by_epoch[:-1]
+    ] + [record["epsilon"]]
+    return record
+
+
+def n_train_of(split_path: str | Path) -> int:
+    """Training-set size of a split file (`train` indices, docs/architecture.md)."""
+    with np.load(split_path, allow_pickle=False) as split:
+        if "train" not in split.files:
+            raise ConfigError(
+                f"{split_path}: no 'train' array; expected a split file with train/holdout/test"
+            )
+        return int(split["train"].shape[0])
+
+
+def write_json_atomic(path: str | Path, obj) -> None:
+    """Write JSON next to its destination, then rename: readers never see half a file."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w") as f:
+            json.dump(obj, f, indent=1, allow_nan=False)
+            f.write("\n")
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--split", required=True, help="results/<exp>/splits/<split>.npz")
+    parser.add_argument("--level", required=True, help="none, eps<target> or sigma<multiplier>")
+    parser.add_argument("--batch-size", type=int, required=True, help="training.batch_size")
+    parser.add_argument("--epochs", type=float, required=True, help="training.epochs")
+    parser.add_argument("--delta", type=float, required=True, help="privacy.delta")
+    parser.add_argument("--accountant", default="rdp", choices=acc.ACCOUNTANTS)
+    parser.add_argument("--out", required=True, help="the privacy file to write")
+    parser.add_argument("--threads", type=int, default=1, help="unused: accounting is serial")
+    args = parser.parse_args(argv)
+    # dp-accounting warns for every RDP order it drops at small sigma; dropping orders only
+    # loosens the bound, and the warnings would bury the progress lines.
+    logging.getLogger("absl").setLevel(logging.ERROR)
+
+    start = time.perf_counter()
+    try:
+        n_train = n_train_of(args.split)
+        print(
+            f"calibrate {args.level}: n_train={n_train} batch_size={args.batch_size} "
+            f"epochs={args.epochs:g} delta={args.delta:g} accountant={args.accountant} "
+            f"(sampling {acc.SAMPLING})",
+            flush=True,
+        )
+        epochs = int(args.epochs) if args.epochs == int(args.epochs) else args.epochs
+        record = privacy_plan(
+            args.level, n_train, args.batch_size, epochs, args.delta, args.accountant
+        )
+    except (ValueError, OSError) as err:
+        sys.exit(f"dpscale.privacy.calibrate: {err}")
+    write_json_atomic(args.out, record)
+    if record["private"]:
+        print(
+            f"sigma={record['noise_multiplier']:.6g} q={record['sample_rate']:.6g} "
+            f"steps={record['steps']} ({record['steps_per_epoch']}/epoch): "
+            f"eps={record['epsilon']:.6g} ({args.accountant}, delta={args.delta:g}, poisson); "
+            f"eps_rdp={record['eps_rdp']:.6g} eps_pld={record['eps_pld']:.6g}",
+            flush=True,
+        )
+    else:
+        print(f"non-private: q={record['sample_rate']:.6g} steps={record['steps']}", flush=True)
+    print(f"wrote {args.out} in {time.perf_counter() - start:.1f} s", flush=True)
+
+
+if __name__ == "__main__":
+    main()
