@@ -65,3 +65,13 @@ use rule train as train_opacus with:
 use rule train as train_tfprivacy with:
     wildcard_constraints:
         backend="tfprivacy",
+
+
+use rule train as train_objax with:
+    wildcard_constraints:
+        backend="objax",
+
+
+use rule train as train_jax with:
+    wildcard_constraints:
+        backend="jax",
