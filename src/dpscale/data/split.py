@@ -124,6 +124,7 @@ def build(
     hold = holdout_counts(train, holdout_per_class, train_per_class)
     idx = make_split(labels, chosen, train, hold, test_per_class, seed, chosen_names)
     meta = {
+        "name": profile,
         "profile": profile,
         "kind": kind,
         "rho": rho if kind != "balanced" else 1,
