@@ -10,6 +10,7 @@ no half-written output.
 from __future__ import annotations
 
 import argparse
+import functools
 import hashlib
 import json
 import math
@@ -241,8 +242,9 @@ def main(argv=None) -> None:
         "medmnist_split": args.medmnist_split,
     }
     try:
+        log = functools.partial(print, flush=True)
         index = index_source(
-            args.source, args.path, args.classes, args.max_per_class, args.medmnist_split
+            args.source, args.path, args.classes, args.max_per_class, args.medmnist_split, log
         )
         prepare(
             index,
@@ -251,7 +253,7 @@ def main(argv=None) -> None:
             args.threads,
             draft=not args.no_draft,
             settings=settings,
-            log=lambda msg: print(msg, flush=True),
+            log=log,
         )
     except DataError as err:
         sys.exit(f"prepare: error: {err}")

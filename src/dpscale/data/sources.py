@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import tarfile
+import time
 import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -36,6 +37,20 @@ class Index:
     @property
     def counts(self) -> list[int]:
         return [len(x) for x in self.items]
+
+
+class _Progress:
+    """Logs 'indexed k/n classes' every few seconds (listing ImageNet takes a while)."""
+
+    def __init__(self, n: int, log, every_s: float = 5.0):
+        self.n, self.log, self.every_s, self.done = n, log, every_s, 0
+        self.last = time.perf_counter()
+
+    def step(self) -> None:
+        self.done += 1
+        if self.log and time.perf_counter() - self.last >= self.every_s:
+            self.last = time.perf_counter()
+            self.log(f"index: {self.done}/{self.n} classes listed")
 
 
 # -- class selection ------------------------------------------------------------------------
@@ -194,7 +209,7 @@ def find_class_root(top) -> Path:
     )
 
 
-def index_folder(path, classes=None, source: str = "imagefolder") -> Index:
+def index_folder(path, classes=None, source: str = "imagefolder", log=None) -> Index:
     """Class = subfolder of the class root (sorted names); its images are found recursively."""
     path = Path(path)
     if not path.exists():
@@ -202,7 +217,9 @@ def index_folder(path, classes=None, source: str = "imagefolder") -> Index:
     root = find_class_root(path)
     names = [d.name for d in _subdirs(root)]
     index = Index(source, select_classes(names, classes), root=str(root))
+    progress = _Progress(len(index.classes), log)
     for name in index.classes:
+        progress.step()
         files = []
         for dirpath, dirs, fnames in os.walk(root / name):
             dirs[:] = [d for d in dirs if not d.startswith(".")]
@@ -251,7 +268,7 @@ def ilsvrc_train_tar(path) -> Path:
     return tar
 
 
-def index_ilsvrc(path, classes=None) -> Index:
+def index_ilsvrc(path, classes=None, log=None) -> Index:
     """Index ILSVRC2012_img_train.tar (a tar of per-synset tars) by member offsets.
 
     Only tar headers are read: the outer tar's, then the inner headers of the selected
@@ -272,7 +289,9 @@ def index_ilsvrc(path, classes=None) -> Index:
                 )
             names = sorted(synsets)
             index = Index("ilsvrc2012", select_classes(names, classes), root=str(tar))
+            progress = _Progress(len(index.classes), log)
             for name in index.classes:
+                progress.step()
                 m = synsets[name]
                 window = _Window(f, m.offset_data, m.size)
                 inner = tarfile.open(fileobj=window, mode="r:")  # noqa: SIM115 - closed with f
@@ -299,6 +318,7 @@ def index_source(
     classes=None,
     max_per_class: int | None = None,
     medmnist_split: str = "all",
+    log=None,
 ) -> Index:
     """Index `source` (see SOURCES), select classes, then at most max_per_class per class."""
     if source not in SOURCES:
@@ -313,7 +333,7 @@ def index_source(
     elif source == "medmnist":
         index = index_medmnist(path, medmnist_split, classes)
     elif source == "ilsvrc2012":
-        index = index_ilsvrc(path, classes)
+        index = index_ilsvrc(path, classes, log)
     else:  # imagefolder, or url once fetched and extracted
-        index = index_folder(path, classes, source)
+        index = index_folder(path, classes, source, log)
     return subsample(index, max_per_class)
