@@ -55,6 +55,7 @@ def test_class_selection_count_list_and_errors():
     assert select_classes(names, None) == names
     assert select_classes(names, 2) == ["a", "b"]
     assert select_classes(names, ["d", "b"]) == ["b", "d"]
+    assert select_classes(names, "c") == ["c"]  # one name from the command line
     with pytest.raises(DataError, match=r"dataset.classes: 5 classes asked for; expected at most"):
         select_classes(names, 5)
     with pytest.raises(DataError, match=r"dataset.classes: unknown class 'z'"):

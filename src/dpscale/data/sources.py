@@ -66,7 +66,7 @@ def select_classes(names: list[str], spec, key: str = "dataset.classes") -> list
                 f"has ({shown})"
             )
         return list(names[:spec])
-    wanted = [str(s) for s in spec]
+    wanted = [spec] if isinstance(spec, str) else [str(s) for s in spec]
     unknown = [w for w in wanted if w not in set(names)]
     if unknown:
         raise DataError(
