@@ -1,0 +1,1 @@
+"""Reporting steps (base env): aggregation into summary.csv, and later figures and the report."""

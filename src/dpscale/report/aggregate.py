@@ -1,0 +1,230 @@
+"""`python -m dpscale.report.aggregate`: every run's metrics.json -> results/<exp>/summary.csv.
+
+One tidy row per run: the run's keys (backend, mode, split, level, seed), its privacy plan
+(epsilon with the accountant, delta and sampling that qualify it), results and timing, every
+other scalar the runner recorded, then every config parameter as a column, flattened with
+underscores (model.width -> model_width). Keys a run lacks are empty cells, never a crash: a
+backend that does not report its own epsilon simply leaves backend_epsilon empty.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import io
+import json
+import math
+import os
+import re
+import sys
+import tempfile
+from collections.abc import Iterable, Mapping
+from pathlib import Path
+
+#: Columns every summary has, in this order, whether or not any run recorded them.
+COLUMNS = (
+    "backend",
+    "mode",
+    "split",
+    "level",
+    "seed",
+    "private",
+    "epsilon",
+    "accountant",
+    "delta",
+    "sampling",
+    "target_epsilon",
+    "noise_multiplier",
+    "sample_rate",
+    "expected_batch_size",
+    "steps",
+    "steps_per_epoch",
+    "n_train",
+    "test_accuracy",
+    "test_loss",
+    "train_accuracy",
+    "train_loss",
+    "seconds_per_epoch",
+    "step_time_steady_s",
+    "step_time_first_s",
+    "examples_per_s",
+    "eps_rdp",
+    "eps_pld",
+    "backend_epsilon",
+    "backend_accountant",
+)
+#: results/<exp>/runs/<split>/<backend>/<level>/seed<k>/metrics.json (workflow/rules/common.smk)
+RUN_PATH = re.compile(
+    r"runs/(?P<split>[^/]+)/(?P<backend>[^/]+)/(?P<level>[^/]+)/seed(?P<seed>\d+)/[^/]+$"
+)
+
+
+class AggregateError(ValueError):
+    """A metrics file that cannot be read as one run's flat JSON object."""
+
+
+def flatten(obj: Mapping, prefix: str = "") -> dict:
+    """Nested dicts -> one level, keys joined with '_'; lists become JSON text (one cell)."""
+    out = {}
+    for key, value in obj.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, Mapping) and value:
+            out.update(flatten(value, name + "_"))
+        elif isinstance(value, Mapping | list | tuple):
+            out[name] = json.dumps(value, sort_keys=True)
+        else:
+            out[name] = value
+    return out
+
+
+def config_columns(config: Mapping, split: str | None, backend: str | None) -> dict:
+    """The flattened config, plus this run's split profile and backend options resolved.
+
+    The grid keys (splits.profiles, backend_options) hold every split's and backend's entry;
+    `split_kind`, `split_rho` and `backend_option_<key>` say which one this row used.
+    """
+    cols = flatten(config)
+    profiles = (config.get("splits") or {}).get("profiles") or {}
+    for key, value in (profiles.get(split) or {}).items():
+        cols[f"split_{key}"] = value
+    options = (config.get("backend_options") or {}).get(backend) or {}
+    cols.update(flatten(options, "backend_option_"))
+    return cols
+
+
+def read_metrics(path: str | Path) -> dict:
+    """One run's metrics.json as a flat dict, with the run keys its path gives as fallback."""
+    path = Path(path)
+    try:
+        metrics = json.loads(path.read_text())
+    except FileNotFoundError:
+        raise AggregateError(f"{path}: not found; expected a run's metrics.json") from None
+    except json.JSONDecodeError as err:
+        raise AggregateError(f"{path}: invalid JSON ({err.msg} at line {err.lineno})") from None
+    if not isinstance(metrics, dict):
+        raise AggregateError(
+            f"{path}: a JSON {type(metrics).__name__}; expected one flat object per run"
+        )
+    match = RUN_PATH.search(path.as_posix())
+    if match:
+        keys = match.groupdict()
+        keys["seed"] = int(keys["seed"])
+        for key, value in keys.items():
+            if metrics.get(key) is None:
+                metrics[key] = value
+    metrics["run_dir"] = str(path.parent)
+    return flatten(metrics)
+
+
+def summary_rows(metrics: Iterable[dict], config: Mapping) -> tuple[list[str], list[dict]]:
+    """(columns, rows): COLUMNS, then other run keys (sorted), then config columns (sorted).
+
+    A config column whose name a run key already uses is kept as `config_<name>`.
+    """
+    runs = list(metrics)
+    run_keys = sorted({k for m in runs for k in m} - set(COLUMNS))
+    rows, config_keys = [], set()
+    for m in runs:
+        row = dict(m)
+        for key, value in config_columns(config, m.get("split"), m.get("backend")).items():
+            name = f"config_{key}" if key in COLUMNS or key in run_keys else key
+            row[name] = value
+            config_keys.add(name)
+        rows.append(row)
+    columns = [*COLUMNS, *run_keys, *sorted(config_keys)]
+    rows.sort(key=_row_order)
+    return columns, rows
+
+
+def _row_order(row: dict) -> tuple:
+    return (
+        str(row.get("split")),
+        str(row.get("backend")),
+        str(row.get("mode")),
+        _level_key(row.get("level")),
+        _num(row.get("seed")),
+    )
+
+
+def _num(value) -> tuple:
+    return (0, float(value)) if isinstance(value, int | float) else (1, str(value))
+
+
+def _level_key(level) -> tuple:
+    """none first, then by target epsilon / sigma as numbers (eps2 before eps10)."""
+    text = str(level)
+    if text == "none":
+        return (0, 0.0, "")
+    match = re.match(r"^(eps|sigma)([0-9.]+)$", text)
+    if match:
+        return (1, float(match.group(2)), match.group(1))
+    return (2, 0.0, text)
+
+
+def _cell(value) -> str:
+    if value is None or (isinstance(value, float) and not math.isfinite(value)):
+        return ""
+    if isinstance(value, float):
+        return repr(value)  # round-trips exactly
+    return str(value)
+
+
+def to_csv(columns: list[str], rows: list[dict]) -> str:
+    buf = io.StringIO()
+    writer = csv.writer(buf, lineterminator="\n")
+    writer.writerow(columns)
+    for row in rows:
+        writer.writerow([_cell(row.get(c)) for c in columns])
+    return buf.getvalue()
+
+
+def write_text_atomic(path: str | Path, text: str) -> None:
+    """Temporary file in the destination's folder, then rename: never half a summary."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w") as f:
+            f.write(text)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def aggregate(metrics_paths: Iterable[str | Path], config: Mapping, out: str | Path) -> int:
+    """Write the summary CSV; returns the number of rows."""
+    columns, rows = summary_rows((read_metrics(p) for p in metrics_paths), config)
+    write_text_atomic(out, to_csv(columns, rows))
+    return len(rows)
+
+
+def _json_arg(name: str, text: str):
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as err:
+        raise AggregateError(f"{name}: not JSON ({err.msg}); expected JSON text") from None
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--metrics", required=True, help="JSON list of metrics.json paths")
+    parser.add_argument("--config", default="{}", help="the experiment config as JSON")
+    parser.add_argument("--out", required=True, help="summary.csv to write")
+    parser.add_argument("--threads", type=int, default=1, help="unused")
+    args = parser.parse_args(argv)
+    try:
+        paths, config = _json_arg("--metrics", args.metrics), _json_arg("--config", args.config)
+        if not isinstance(paths, list) or not all(isinstance(p, str) for p in paths):
+            raise AggregateError("--metrics: expected a JSON list of paths")
+        if not isinstance(config, dict):
+            raise AggregateError("--config: expected a JSON object")
+        print(f"aggregating {len(paths)} runs into {args.out}", flush=True)
+        n = aggregate(paths, config, args.out)
+    except AggregateError as err:
+        sys.exit(f"dpscale.report.aggregate: {err}")
+    print(f"wrote {n} rows to {args.out}", flush=True)
+
+
+if __name__ == "__main__":
+    main()
