@@ -1,0 +1,108 @@
+"""The local SLURM cluster for the `slurm` tests, and how they drive snakemake through it.
+
+The session fixture starts a single-node cluster with the project's own script
+(scripts/slurm/start.sh: munge, MariaDB + slurmdbd so that `sacct` answers, slurmctld, slurmd,
+two fake GPUs) and stops it afterwards if it was not already running. Snakemake is run the way
+docs/cluster.md tells a user to: from the project root with `--profile slurm`; the only
+additions are `-d <tmp>` (each test's own working directory) and `--max-threads` (this node
+has fewer CPUs than the profile asks for).
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+
+from dpscale import envs
+
+PROJECT = envs.PROJECT
+SCRIPTS = PROJECT / "scripts" / "slurm"
+SNAKEMAKE = PROJECT / ".venv" / "bin" / "snakemake"
+SUBMITTED = re.compile(r"submitted with SLURM jobid (\d+)")
+
+
+def _status() -> bool:
+    return subprocess.run(["bash", SCRIPTS / "status.sh"], capture_output=True).returncode == 0
+
+
+@pytest.fixture(scope="session")
+def slurm_cluster():
+    """A running single-node SLURM cluster; yields the node's CPU count."""
+    if os.geteuid() != 0:
+        pytest.skip("the local SLURM cluster needs root (scripts/slurm/start.sh starts daemons)")
+    if not shutil.which("apt-get") and not shutil.which("slurmctld"):
+        pytest.skip("no SLURM and no apt-get to install it (Debian-based machine expected)")
+    was_running = _status()
+    started = subprocess.run(
+        ["bash", SCRIPTS / "start.sh"], capture_output=True, text=True, timeout=900
+    )
+    if started.returncode != 0:
+        pytest.fail(f"scripts/slurm/start.sh failed:\n{started.stdout}{started.stderr}")
+    cpus = int(subprocess.check_output(["sinfo", "-h", "-o", "%c"], text=True).split()[0])
+    yield cpus
+    if not was_running:
+        subprocess.run(["bash", SCRIPTS / "stop.sh"], check=True, timeout=300)
+
+
+def snakemake_cmd(workdir: Path, *args: str, cpus: int, snakefile: Path | None = None) -> list[str]:
+    """The user's command (docs/cluster.md) plus this test's working directory and CPU cap."""
+    cmd = [str(SNAKEMAKE), "--profile", "slurm"]
+    if snakefile is not None:
+        cmd += ["-s", str(snakefile)]
+    return [*cmd, "-d", str(workdir), "--max-threads", str(cpus), *args]
+
+
+def cancel_jobs_of(workdir: Path) -> None:
+    """scancel every job still queued or running in `workdir` (after a test timed out)."""
+    out = subprocess.run(["squeue", "-h", "-o", "%i %Z"], capture_output=True, text=True).stdout
+    ids = [
+        i for i, wd in (line.split(maxsplit=1) for line in out.splitlines()) if wd == str(workdir)
+    ]
+    if ids:
+        subprocess.run(["scancel", *ids], check=False)
+
+
+def run_snakemake(
+    workdir: Path, *args: str, cpus: int, snakefile: Path | None = None, timeout=1800
+):
+    """Run it to the end from the project root (where `--profile slurm` finds ./slurm).
+
+    Its output is also kept in <workdir>/snakemake.out; a run past `timeout` is stopped and its
+    SLURM jobs cancelled, so a hang fails the test instead of the CI job.
+    """
+    cmd = snakemake_cmd(workdir, *args, cpus=cpus, snakefile=snakefile)
+    try:
+        done = subprocess.run(cmd, cwd=PROJECT, capture_output=True, text=True, timeout=timeout)
+    except subprocess.TimeoutExpired as err:
+        cancel_jobs_of(workdir)
+        pytest.fail(f"snakemake ran past {timeout} s: {' '.join(cmd)}\n{err.stderr!s}"[-4000:])
+    (workdir / "snakemake.out").write_text(done.stdout + done.stderr)
+    return done
+
+
+def submitted_jobs(output: str) -> list[str]:
+    """SLURM job ids, in submission order, from snakemake's output."""
+    return SUBMITTED.findall(output)
+
+
+def sacct_states(job_ids: list[str], wait_s: float = 30) -> dict[str, str]:
+    """Each job's final state as the accounting database has it (allocations only).
+
+    slurmctld hands a job's end to slurmdbd asynchronously, so wait a little for stragglers.
+    """
+    deadline = time.monotonic() + wait_s
+    while True:
+        out = subprocess.check_output(
+            ["sacct", "-n", "-X", "-P", "-o", "JobID,State", "-j", ",".join(job_ids)], text=True
+        )
+        states = dict(line.split("|", 1) for line in out.split())
+        pending = [j for j in job_ids if states.get(j, "PENDING") in ("PENDING", "RUNNING")]
+        if not pending or time.monotonic() > deadline:
+            return states
+        time.sleep(1)
