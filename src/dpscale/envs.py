@@ -51,9 +51,21 @@ def names(root: Path = PROJECT) -> list[str]:
     )
 
 
-def build(name: str, prefix: Path, root: Path = PROJECT, log=None) -> None:
-    """Create the venv at `prefix` and install its requirements and dpscale into it."""
-    out = log or sys.stdout
+def build(name: str, prefix: Path, root: Path = PROJECT, log: str | Path | None = None) -> None:
+    """Create the venv at `prefix` and install its requirements and dpscale into it.
+
+    pip's output goes to the file `log` (stdout if None); `ready` is written last, so a venv
+    whose build was interrupted is never taken for a finished one.
+    """
+    if log is None:
+        _build(name, Path(prefix), root, sys.stdout)
+        return
+    Path(log).parent.mkdir(parents=True, exist_ok=True)
+    with open(log, "w") as out:
+        _build(name, Path(prefix), root, out)
+
+
+def _build(name: str, prefix: Path, root: Path, out) -> None:
     files = requirement_files(name, root)
     steps = [[sys.executable, "-m", "venv", "--clear", str(prefix)]]
     pip = [str(prefix / "bin" / "python"), "-m", "pip", "install", "--disable-pip-version-check"]
@@ -63,7 +75,10 @@ def build(name: str, prefix: Path, root: Path = PROJECT, log=None) -> None:
     steps.append([*pip, "--no-deps", "-e", str(root.resolve())])
     for cmd in steps:
         print("+", " ".join(cmd), file=out, flush=True)
-        subprocess.run(cmd, check=True, stdout=out, stderr=subprocess.STDOUT)
+        proc = subprocess.run(cmd, stdout=out, stderr=subprocess.STDOUT)
+        if proc.returncode:
+            where = f"; see {out.name}" if hasattr(out, "name") else ""
+            raise RuntimeError(f"building the {name!r} venv failed at: {' '.join(cmd)}{where}")
     (prefix / READY).write_text("\n".join(f.read_text() for f in files))
 
 

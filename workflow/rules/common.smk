@@ -77,3 +77,27 @@ def all_runs():
 
 def all_targets():
     return [str(RESULTS / "summary.csv")]
+
+
+def train_inputs(w):
+    return {
+        "env": env_ready(w.backend),
+        **data_files(),
+        "split": split_file(w.split),
+        "privacy": privacy_file(w.split, w.level),
+    }
+
+
+def train_args(wildcards, input, output, params):
+    return dict(
+        backend=wildcards.backend,
+        data_dir=Path(input["images.npy"]).parent,
+        split=input.split,
+        privacy=input.privacy,
+        model=config["model"],
+        training=config["training"],
+        options=config["backend_options"].get(wildcards.backend, {}),
+        seed=wildcards.seed,
+        out_dir=Path(output.metrics).parent,
+        checkpoint_dir=params.checkpoint,
+    )

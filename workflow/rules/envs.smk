@@ -14,8 +14,7 @@ rule build_env:
         hash="[0-9a-f]{12}",
     localrule: True
     run:
-        with open(log[0], "w") as out:
-            dp_envs.build(wildcards.env, Path(output[0]).parent, log=out)
+        dp_envs.build(wildcards.env, Path(output[0]).parent, log=log[0])
 
 
 rule envs:

@@ -2,30 +2,6 @@
 # Adding a backend: `use rule train as train_<name> with:` and its wildcard constraint (below).
 
 
-def train_inputs(w):
-    return {
-        "env": env_ready(w.backend),
-        **data_files(),
-        "split": split_file(w.split),
-        "privacy": privacy_file(w.split, w.level),
-    }
-
-
-def train_args(wildcards, input, output, params):
-    return dict(
-        backend=wildcards.backend,
-        data_dir=Path(input["images.npy"]).parent,
-        split=input.split,
-        privacy=input.privacy,
-        model=config["model"],
-        training=config["training"],
-        options=config["backend_options"].get(wildcards.backend, {}),
-        seed=wildcards.seed,
-        out_dir=Path(output.metrics).parent,
-        checkpoint_dir=params.checkpoint,
-    )
-
-
 rule train:
     input:
         unpack(train_inputs),
