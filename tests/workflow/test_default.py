@@ -41,7 +41,13 @@ def test_summary_has_one_row_per_run(demo):
     assert len(summary) == n_runs
     assert set(summary["backend"]) == set(cfg["backends"])
     assert set(summary["split"]) == set(cfg["splits"]["profiles"])
-    for column in ("epsilon", "noise_multiplier", "test_accuracy", "test_loss", "seconds_per_epoch"):
+    for column in (
+        "epsilon",
+        "noise_multiplier",
+        "test_accuracy",
+        "test_loss",
+        "step_time_steady_s",
+    ):
         assert column in summary.columns
     private = summary[summary["level"] == "eps8"]
     assert (private["epsilon"] <= 8.0 + 1e-6).all() and (private["epsilon"] > 7.0).all()
