@@ -25,6 +25,7 @@ from dpscale.runner import feed, outputs, plan, schedule
 
 STATE_FILE = "state.json"
 STATE_VERSION = 1
+LOG_EVERY_S = 30.0  # a progress line at least this often, also in long epochs
 
 TRAINING_DEFAULTS = {
     "epochs": 10,
@@ -401,6 +402,7 @@ class Run:
             t_epoch = time.perf_counter()
             loss_sum, loss_n, held_warmup = 0.0, 0, False
             log_every = max(1, len(batches) // 4)
+            last_log = time.monotonic()
             for i, positions in enumerate(batches):
                 step = (epoch - 1) * self.spe + i
                 lr = schedule.learning_rate(
@@ -436,7 +438,9 @@ class Run:
                 if b:
                     loss_sum += loss * b
                     loss_n += b
-                if i == 0 or (i + 1) % log_every == 0 or i + 1 == len(batches):
+                due = (i + 1) % log_every == 0 or time.monotonic() - last_log > LOG_EVERY_S
+                if i == 0 or due or i + 1 == len(batches):
+                    last_log = time.monotonic()
                     eps = epsilon_after(self.privacy, epoch - 1)
                     log(
                         f"epoch {epoch}/{self.epochs} step {i + 1}/{len(batches)} "
