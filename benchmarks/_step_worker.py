@@ -1,0 +1,337 @@
+"""One backend and DP mode, measured inside that backend's venv (started by benchmarks/steps.py).
+
+Not a test and not for direct use: `steps.py` runs `<venv>/bin/python benchmarks/_step_worker.py
+--backend NAME --options JSON ... --out FILE` and reads FILE (JSON). In one process:
+
+1. a non-private adapter and a private one (Adapter interface only), each built, set up and
+   stepped `--warmup` times on one random batch of exactly B real rows (P = B): build time,
+   first-step (compile / warm-up) time, and peak RSS of that phase (the kernel's high-water
+   mark is reset between phases through /proc/self/clear_refs, so each phase has its own);
+2. `--steps` steady-state steps of each, interleaved (NP, DP, DP, NP, ...) so both see the same
+   load from other processes: the DP / non-private ratio is measured side by side;
+3. a real Poisson plan (dpscale.runner.plan, q = B / n_train, the runner's default physical
+   batch P) fed through dpscale.runner.feed from a memory-mapped uint8 array, as the runner
+   does: distinct chunk shapes, chunk counts and real batch sizes, compiles during the first
+   step and after it (jax: backend-compile events; tf: tf.function trace counts; torch: eager,
+   "n/a"), step time and the feed's time per step (plain and with augmentation).
+
+Frameworks are never imported here: compile probes use only modules the adapter already loaded.
+Progress lines go to stdout with the prefix "[worker]".
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import sys
+import tempfile
+import time
+from pathlib import Path
+from statistics import median
+
+import numpy as np
+
+from dpscale import backends
+from dpscale.backends.base import Batch, StepConfig
+from dpscale.models.resnet import ResNetSpec
+from dpscale.runner import feed, plan
+
+LR = 0.01  # small: random labels must not blow the loss up within a few dozen steps
+MOMENTUM = 0.9
+CLIP = 1.0
+SIGMA = 1.0
+
+
+def log(msg: str) -> None:
+    print(f"[worker] {time.strftime('%H:%M:%S')} {msg}", flush=True)
+
+
+# -- memory -----------------------------------------------------------------------------------
+def reset_peak_rss() -> bool:
+    """Reset the kernel's RSS high-water mark (getrusage's ru_maxrss) to the current RSS.
+
+    Linux >= 4.0; returns False where it is not allowed, so peaks then cover the process so far.
+    """
+    try:
+        Path("/proc/self/clear_refs").write_text("5")
+        return True
+    except OSError:
+        return False
+
+
+def peak_rss_mb() -> float:
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return rss / 2**20 if sys.platform == "darwin" else rss / 2**10  # bytes on macOS, KiB else
+
+
+def current_rss_mb() -> float | None:
+    try:
+        pages = int(Path("/proc/self/statm").read_text().split()[1])
+    except (OSError, IndexError, ValueError):
+        return None
+    return pages * os.sysconf("SC_PAGE_SIZE") / 2**20
+
+
+# -- compile probes ---------------------------------------------------------------------------
+class CompileProbe:
+    """Counts compilations with the hooks of whichever framework the adapter has loaded."""
+
+    JAX_EVENT = "/jax/core/compile/backend_compile_duration"  # jax._src.dispatch, 0.4-0.10
+
+    def __init__(self) -> None:
+        self.kind = "n/a"
+        self._jax_compiles = 0
+        self._adapters: list = []
+
+    def attach(self, adapters: list) -> None:
+        self._adapters = adapters
+        jax = sys.modules.get("jax")
+        if jax is not None:
+            self.kind = "jax backend compiles"
+
+            def listener(event: str, _duration: float, **_kw) -> None:
+                if event == self.JAX_EVENT:
+                    self._jax_compiles += 1
+
+            jax.monitoring.register_event_duration_secs_listener(listener)
+        elif "tensorflow" in sys.modules:
+            self.kind = "tf.function traces"
+
+    def count(self) -> int | None:
+        if self.kind == "jax backend compiles":
+            return self._jax_compiles
+        if self.kind == "tf.function traces":
+            # Every tf.function the adapters hold (attributes with a tracing counter).
+            return sum(
+                int(fn.experimental_get_tracing_count())
+                for a in self._adapters
+                for fn in vars(a).values()
+                if callable(getattr(fn, "experimental_get_tracing_count", None))
+            )
+        return None
+
+
+# -- phases -----------------------------------------------------------------------------------
+def step_config(private: bool, batch: int, physical: int) -> StepConfig:
+    return StepConfig(
+        private=private,
+        clip_norm=CLIP,
+        noise_multiplier=SIGMA if private else 0.0,
+        expected_batch_size=float(batch),
+        momentum=MOMENTUM,
+        physical_batch_size=physical,
+    )
+
+
+def timed_step(adapter, chunks: list[Batch]) -> float:
+    t0 = time.perf_counter()
+    loss = adapter.train_step(chunks, LR)
+    dt = time.perf_counter() - t0
+    if not np.isfinite(loss):
+        raise RuntimeError(f"loss is {loss}; expected a finite loss on random data at lr {LR}")
+    return dt
+
+
+def warm_phase(cls, spec, options, seed, threads, cfg: StepConfig, batch: Batch, warmup: int):
+    """Build, set up and warm one adapter; its own memory peak and compile time."""
+    reset_ok = reset_peak_rss()
+    rss_start = current_rss_mb()
+    t0 = time.perf_counter()
+    adapter = cls(spec, options, seed, threads)
+    adapter.setup_training(cfg)
+    build_s = time.perf_counter() - t0
+    first_s = timed_step(adapter, [batch])
+    warm = [timed_step(adapter, [batch]) for _ in range(max(0, warmup - 1))]
+    device_peak = adapter.peak_memory_bytes()
+    out = {
+        "build_s": build_s,
+        "first_step_s": first_s,
+        "warmup_steps_s": warm,
+        "peak_rss_mb": peak_rss_mb(),
+        "rss_at_start_mb": rss_start,
+        "peak_rss_is_phase_only": reset_ok,
+        "peak_device_mb": device_peak / 2**20 if device_peak is not None else None,
+    }
+    return adapter, out
+
+
+def interleaved(adapters: dict, batch: Batch, steps: int) -> dict[str, list[float]]:
+    """`steps` timed steps of each adapter, alternating which goes first (ABBA)."""
+    times: dict[str, list[float]] = {k: [] for k in adapters}
+    keys = list(adapters)
+    for i in range(steps):
+        for k in keys if i % 2 == 0 else keys[::-1]:
+            times[k].append(timed_step(adapters[k], [batch]))
+        if (i + 1) % max(1, steps // 4) == 0:
+            log(
+                f"steady {i + 1}/{steps}: "
+                + ", ".join(f"{k} {median(v) * 1e3:.1f} ms" for k, v in times.items())
+            )
+    return times
+
+
+def poisson_phase(adapter, probe, cfg, data, labels, batches, seed) -> dict:
+    """The runner's feed and step over a real Poisson plan, as dpscale.runner.loop does it."""
+    adapter.setup_training(cfg)
+    shapes, n_chunks, sizes = set(), set(), set()
+    step_s, feed_s, feed_aug_s = [], [], []
+    compiles_start = probe.count()
+    compiles_after_first = None
+    aug_rng = plan.epoch_rng(seed, 1, plan.AUGMENT_STREAM)
+    for i, positions in enumerate(batches):
+        if len(positions) == 0 and not cfg.private:
+            continue  # the runner skips empty non-private steps
+        t0 = time.perf_counter()
+        chunks = [
+            feed.make_batch(data, labels, pos, mask)
+            for pos, mask in plan.chunk_indices(positions, cfg.physical_batch_size)
+        ]
+        feed_s.append(time.perf_counter() - t0)
+        t0 = time.perf_counter()
+        for pos, mask in plan.chunk_indices(positions, cfg.physical_batch_size):
+            feed.make_batch(data, labels, pos, mask, aug_rng)
+        feed_aug_s.append(time.perf_counter() - t0)
+        shapes.update(tuple(c.x.shape) for c in chunks)
+        n_chunks.add(len(chunks))
+        sizes.add(len(positions))
+        step_s.append(timed_step(adapter, chunks))
+        if i == 0:
+            compiles_after_first = probe.count()
+    compiles_end = probe.count()
+    known = compiles_start is not None
+    return {
+        "physical_batch_size": cfg.physical_batch_size,
+        "steps": len(step_s),
+        "distinct_shapes": sorted(list(s) for s in shapes),
+        "distinct_chunk_counts": sorted(n_chunks),
+        "distinct_batch_sizes": len(sizes),
+        "batch_size_range": [min(sizes), max(sizes)] if sizes else None,
+        "compile_counter": probe.kind,
+        "compiles_first_step": compiles_after_first - compiles_start if known else None,
+        "recompiles": compiles_end - compiles_after_first if known else None,
+        "first_step_s": step_s[0] if step_s else None,
+        "step_s": step_s[1:],
+        "step_median_s": median(step_s[1:]) if len(step_s) > 1 else None,
+        "feed_median_s": median(feed_s[1:]) if len(feed_s) > 1 else None,
+        "feed_augment_median_s": median(feed_aug_s[1:]) if len(feed_aug_s) > 1 else None,
+    }
+
+
+def run(args) -> dict:
+    load_start = os.getloadavg()
+    options = json.loads(args.options)
+    cls = backends.load(args.backend)
+    spec = ResNetSpec(
+        num_classes=args.num_classes, image_size=args.image_size, width=args.width,
+        groups=args.groups,
+    )  # fmt: skip
+    rng = np.random.default_rng(args.seed)
+    size, b = args.image_size, args.batch_size
+    batch = Batch(
+        x=rng.standard_normal((b, size, size, 3), dtype=np.float32),
+        y=rng.integers(0, args.num_classes, b).astype(np.int64),
+        mask=np.ones(b, dtype=bool),
+    )
+    probe = CompileProbe()
+    adapters, phases = {}, {}
+    for key, private in (("nonprivate", False), ("dp", True)):
+        log(f"{args.backend} {options}: building and warming the {key} adapter")
+        adapters[key], phases[key] = warm_phase(
+            cls, spec, options, args.seed, args.threads, step_config(private, b, b), batch,
+            args.warmup,
+        )  # fmt: skip
+        log(
+            f"{key}: build {phases[key]['build_s']:.2f} s, first step "
+            f"{phases[key]['first_step_s']:.2f} s, peak RSS {phases[key]['peak_rss_mb']:.0f} MB"
+        )
+    probe.attach(list(adapters.values()))  # after the imports; counts the Poisson phase only
+    times = interleaved(adapters, batch, args.steps)
+
+    n_train = args.n_train
+    q = b / n_train
+    physical = plan.default_physical_batch_size(b)
+    batches = plan.epoch_plan(n_train, q, args.poisson_steps, args.seed, 1)
+    poisson = {}
+    with tempfile.TemporaryDirectory(prefix="dpscale-steps-") as tmp:
+        # The runner memory-maps prepared uint8 arrays; so does this.
+        path = Path(tmp) / "images.npy"
+        np.save(path, rng.integers(0, 256, (n_train, size, size, 3), dtype=np.uint8))
+        images = np.load(path, mmap_mode="r")
+        labels = rng.integers(0, args.num_classes, n_train).astype(np.int64)
+        for key, private in (("nonprivate", False), ("dp", True)):
+            cfg = step_config(private, b, physical)
+            poisson[key] = poisson_phase(
+                adapters[key], probe, cfg, images, labels, batches, args.seed
+            )
+            p = poisson[key]
+            log(
+                f"poisson {key}: P={physical}, {p['steps']} steps, batch sizes "
+                f"{p['batch_size_range']}, shapes {p['distinct_shapes']}, compiles "
+                f"{p['compiles_first_step']} in step 1 and {p['recompiles']} after "
+                f"({probe.kind}), feed {(p['feed_median_s'] or 0) * 1e3:.2f} ms"
+            )
+        del images
+
+    dp = adapters["dp"]
+    return {
+        "backend": args.backend,
+        "options": options,
+        "mode": dp.mode or args.backend,
+        "num_params": int(dp.num_params()),
+        "device": dp.device(),
+        "versions": {"python": sys.version.split()[0], "numpy": np.__version__, **dp.versions()},
+        "threads": args.threads,
+        "width": args.width,
+        "image_size": args.image_size,
+        "batch_size": b,
+        "groups": args.groups,
+        "warm": phases,
+        "steady": {
+            k: {"step_s": v, "median_s": median(v), "mean_s": float(np.mean(v))}
+            for k, v in times.items()
+        },
+        "ratio": median(times["dp"]) / median(times["nonprivate"]),
+        "poisson": poisson,
+        "n_train": n_train,
+        "sample_rate": q,
+        "loadavg_start": list(load_start),
+        "loadavg_end": list(os.getloadavg()),
+    }
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--backend", required=True)
+    parser.add_argument("--options", default="{}", help="adapter options as a JSON object")
+    parser.add_argument("--width", type=int, required=True)
+    parser.add_argument("--image-size", type=int, required=True)
+    parser.add_argument("--groups", type=int, default=32)
+    parser.add_argument("--num-classes", type=int, default=10)
+    parser.add_argument("--batch-size", type=int, required=True)
+    parser.add_argument("--steps", type=int, required=True, help="steady-state steps of each")
+    parser.add_argument("--warmup", type=int, default=2, help="untimed steps, the first timed")
+    parser.add_argument("--poisson-steps", type=int, required=True)
+    parser.add_argument("--n-train", type=int, required=True)
+    parser.add_argument("--threads", type=int, required=True)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--out", type=Path, required=True)
+    args = parser.parse_args(argv)
+    try:
+        options = json.loads(args.options)
+    except json.JSONDecodeError as err:
+        parser.error(f"--options {args.options!r} is not JSON ({err}); expected an object")
+    if not isinstance(options, dict):
+        parser.error(f"--options {args.options!r}; expected a JSON object")
+    if args.steps < 1 or args.poisson_steps < 2 or args.warmup < 1:
+        parser.error("expected --steps >= 1, --poisson-steps >= 2 and --warmup >= 1")
+    if not 0 < args.batch_size <= args.n_train:
+        parser.error(f"--batch-size {args.batch_size}; expected 1..--n-train ({args.n_train})")
+    result = run(args)
+    args.out.write_text(json.dumps(result, indent=1))
+    log(f"done: ratio DP/non-private {result['ratio']:.2f}; results in {args.out}")
+
+
+if __name__ == "__main__":
+    main()
