@@ -1,0 +1,340 @@
+"""One small function per figure: tidy table in, matplotlib Figure out (seaborn, Agg backend).
+
+The tables come from `dpscale.plots.data` (or summary.csv); `save` writes SVG for the report
+and PNG for the README. Every epsilon on a figure names its accountant, delta and sampling.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")  # before pyplot: no display on cluster nodes or in CI
+
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+import pandas as pd  # noqa: E402
+import seaborn as sns  # noqa: E402
+
+from dpscale.plots.data import (  # noqa: E402
+    MEMBER,
+    NON_MEMBER,
+    PlotDataError,
+    accounting_text,
+    level_order,
+)
+
+# Fixed ids in the SVG and no dates in either file: the same data gives the same bytes.
+matplotlib.rcParams["svg.hashsalt"] = "dpscale"
+sns.set_theme(style="whitegrid", context="paper")
+
+PNG_DPI = 150
+
+
+def save(fig: plt.Figure, svg: str | Path | None = None, png: str | Path | None = None) -> None:
+    """Write the figure (atomically: a temporary name, then rename) and close it."""
+    for path, fmt, metadata in (
+        (svg, "svg", {"Date": None}),
+        (png, "png", {"Software": None}),
+    ):
+        if path is None:
+            continue
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f".{path.name}.tmp")
+        fig.savefig(tmp, format=fmt, dpi=PNG_DPI, bbox_inches="tight", metadata=metadata)
+        os.replace(tmp, path)
+    plt.close(fig)
+
+
+def _require(table: pd.DataFrame, columns, what: str) -> None:
+    missing = [c for c in columns if c not in table.columns]
+    if missing:
+        raise PlotDataError(f"{what}: missing columns {missing}; have {list(table.columns)}")
+    if table.empty:
+        raise PlotDataError(f"{what}: no rows")
+
+
+def _backend_label(table: pd.DataFrame) -> pd.Series:
+    """'opacus (hooks)': the mode tells apart runs of one backend with different mechanisms."""
+    mode = table["mode"].fillna("") if "mode" in table else pd.Series("", index=table.index)
+    return (
+        table["backend"]
+        .astype(str)
+        .where(
+            mode.eq("") | mode.eq(table["backend"]),
+            table["backend"] + " (" + mode.astype(str) + ")",
+        )
+    )
+
+
+def _privacy_order(table: pd.DataFrame) -> list[str]:
+    """Legend order of the `privacy` labels: non-private first, then by level."""
+    pairs = table[["level", "privacy"]].drop_duplicates()
+    return list(pairs.sort_values("level", key=lambda s: s.map(level_order))["privacy"].unique())
+
+
+def _split_title(split: str, table: pd.DataFrame) -> str:
+    rows = table[table["split"] == split]
+    kind = rows["split_kind"].dropna().iloc[0] if "split_kind" in rows and len(rows) else None
+    rho = rows["split_rho"].dropna().iloc[0] if "split_rho" in rows and len(rows) else None
+    if kind in (None, "balanced") or rho is None:
+        return f"{split}" + (" (balanced)" if kind == "balanced" else "")
+    return f"{split} ({kind}, ρ={rho:g})"
+
+
+def accuracy_vs_epsilon(summary: pd.DataFrame) -> plt.Figure:
+    """Test accuracy against epsilon per backend, one facet per split; non-private dashed."""
+    _require(summary, ["split", "backend", "level", "epsilon", "test_accuracy"], "summary")
+    table = summary.assign(backend_label=_backend_label(summary))
+    splits = sorted(table["split"].unique(), key=lambda s: (s != "balanced", s))
+    backends = sorted(table["backend_label"].unique())
+    colors = dict(zip(backends, sns.color_palette(n_colors=len(backends)), strict=True))
+    fig, axes = plt.subplots(
+        1, len(splits), figsize=(4.2 * len(splits), 3.4), sharey=True, squeeze=False
+    )
+    private = table[table["level"] != "none"].dropna(subset=["epsilon"])
+    for ax, split in zip(axes[0], splits, strict=True):
+        rows = private[private["split"] == split]
+        if len(rows):
+            sns.lineplot(
+                data=rows,
+                x="epsilon",
+                y="test_accuracy",
+                hue="backend_label",
+                hue_order=backends,
+                palette=colors,
+                marker="o",
+                errorbar="sd",
+                ax=ax,
+                legend=False,
+            )
+            ax.set_xscale("log")
+        nonprivate = table[(table["level"] == "none") & (table["split"] == split)]
+        for backend, acc in nonprivate.groupby("backend_label")["test_accuracy"].mean().items():
+            ax.axhline(acc, color=colors[backend], linestyle="--", linewidth=1)
+        ax.set_title(_split_title(split, table))
+        ax.set_xlabel("ε (" + accounting_text(table) + ")" if len(private) else "ε")
+        ax.set_ylabel("test accuracy")
+    handles = [plt.Line2D([], [], color=colors[b], marker="o", label=b) for b in backends]
+    if (table["level"] == "none").any():
+        handles.append(
+            plt.Line2D([], [], color="grey", linestyle="--", label="non-private (ε = ∞)")
+        )
+    fig.legend(handles=handles, loc="center left", bbox_to_anchor=(1.0, 0.5), frameon=False)
+    fig.tight_layout()
+    return fig
+
+
+def training_curves(history: pd.DataFrame) -> plt.Figure:
+    """Train loss (solid) and test loss (dashed) per epoch, one panel per privacy level."""
+    _require(history, ["epoch", "train_loss", "backend", "level", "privacy"], "history")
+    table = history.assign(backend_label=_backend_label(history))
+    curves = table.melt(
+        id_vars=["epoch", "backend_label", "privacy", "seed"],
+        value_vars=[c for c in ("train_loss", "test_loss") if c in table],
+        var_name="curve",
+        value_name="loss",
+    ).dropna(subset=["loss"])
+    curves["curve"] = curves["curve"].str.replace("_loss", "")
+    grid = sns.relplot(
+        data=curves,
+        x="epoch",
+        y="loss",
+        hue="backend_label",
+        style="curve",
+        style_order=["train", "test"],
+        col="privacy",
+        col_order=_privacy_order(table),
+        kind="line",
+        marker="o",
+        errorbar="sd",
+        height=3.0,
+        aspect=1.1,
+        facet_kws={"sharey": True},
+    )
+    grid.set_titles("{col_name}")
+    grid.set_axis_labels("epoch", "cross-entropy loss")
+    grid.legend.set_title("")
+    grid.figure.suptitle(accounting_text(table), y=1.02, fontsize="small")
+    return grid.figure
+
+
+def seconds_per_epoch(summary: pd.DataFrame) -> plt.Figure:
+    """Training wall time per epoch (steady state) per backend, bars by privacy level."""
+    _require(summary, ["split", "backend", "level", "seconds_per_epoch"], "summary")
+    table = summary.assign(backend_label=_backend_label(summary))
+    table["privacy"] = [
+        "non-private" if lv == "none" else lv for lv in table["level"]
+    ]  # a level, not a realised epsilon: splits differ in epsilon for one target
+    order = sorted(table["level"].unique(), key=level_order)
+    grid = sns.catplot(
+        data=table,
+        x="backend_label",
+        y="seconds_per_epoch",
+        hue="privacy",
+        hue_order=["non-private" if lv == "none" else lv for lv in order],
+        col="split",
+        kind="bar",
+        errorbar="sd",
+        height=3.0,
+        aspect=1.2,
+    )
+    grid.set_titles("{col_name}")
+    grid.set_axis_labels("backend", "seconds per epoch")
+    grid.legend.set_title("privacy level")
+    return grid.figure
+
+
+def step_time_ratio(ratios: pd.DataFrame) -> plt.Figure:
+    """Steady DP step time / non-private step time per backend (1 = DP is free)."""
+    _require(ratios, ["split", "backend", "level", "ratio"], "step-time ratios")
+    table = ratios.assign(backend_label=_backend_label(ratios))
+    order = sorted(table["level"].unique(), key=level_order)
+    grid = sns.catplot(
+        data=table,
+        x="backend_label",
+        y="ratio",
+        hue="level",
+        hue_order=order,
+        col="split",
+        kind="bar",
+        errorbar="sd",
+        height=3.0,
+        aspect=1.2,
+    )
+    for ax in grid.axes.flat:
+        ax.axhline(1.0, color="black", linewidth=0.8)
+        for container in ax.containers:
+            ax.bar_label(container, fmt="%.2f×", fontsize="x-small")
+    grid.set_titles("{col_name}")
+    grid.set_axis_labels("backend", "DP / non-private step time")
+    grid.legend.set_title("privacy level")
+    return grid.figure
+
+
+def disparate_impact(drop: pd.DataFrame) -> plt.Figure:
+    """Per-class accuracy drop (non-private minus DP) against the class's training count."""
+    _require(drop, ["train_count", "drop", "backend", "privacy"], "accuracy drop")
+    table = drop.assign(backend_label=_backend_label(drop), drop_pp=100 * drop["drop"])
+    fig, ax = plt.subplots(figsize=(5.2, 3.6))
+    sns.scatterplot(
+        data=table,
+        x="train_count",
+        y="drop_pp",
+        hue="backend_label",
+        style="privacy",
+        style_order=_privacy_order(table),
+        s=40,
+        alpha=0.8,
+        ax=ax,
+    )
+    # Per backend and level, a least-squares line in log(count): the trend the eye looks for.
+    counts = table["train_count"].astype(float)
+    if counts.nunique() > 1:
+        ax.set_xscale("log")
+        palette = dict(
+            zip(
+                sorted(table["backend_label"].unique()),
+                sns.color_palette(n_colors=table["backend_label"].nunique()),
+                strict=True,
+            )
+        )
+        for (backend, _), rows in table.groupby(["backend_label", "privacy"]):
+            x = np.log(rows["train_count"].astype(float))
+            if x.nunique() > 1:
+                slope, icpt = np.polyfit(x, rows["drop_pp"], 1)
+                xs = np.linspace(x.min(), x.max(), 20)
+                ax.plot(np.exp(xs), slope * xs + icpt, color=palette[backend], linewidth=1)
+    ax.axhline(0.0, color="black", linewidth=0.8)
+    ax.set_xlabel("training examples of the class")
+    ax.set_ylabel("test recall drop, non-private − DP (pp)")
+    ax.set_title(accounting_text(table), fontsize="small")
+    ax.legend(loc="center left", bbox_to_anchor=(1.0, 0.5), frameon=False, fontsize="small")
+    fig.tight_layout()
+    return fig
+
+
+def membership_histograms(scores: pd.DataFrame) -> plt.Figure:
+    """Per-example loss of members (train) and non-members (holdout), one panel per level."""
+    _require(scores, ["member", "loss", "privacy", "level"], "membership scores")
+    grid = sns.displot(
+        data=scores,
+        x="loss",
+        hue="member",
+        hue_order=[MEMBER, NON_MEMBER],
+        col="privacy",
+        col_order=_privacy_order(scores),
+        stat="density",
+        common_norm=False,
+        element="step",
+        bins=30,
+        height=2.8,
+        aspect=1.15,
+        facet_kws={"sharey": False, "sharex": False},
+    )
+    grid.set_titles("{col_name}")
+    grid.set_axis_labels("cross-entropy loss of the final model", "density")
+    grid.legend.set_title("")
+    grid.figure.suptitle(accounting_text(scores), y=1.03, fontsize="small")
+    return grid.figure
+
+
+def membership_roc(roc: pd.DataFrame) -> plt.Figure:
+    """ROC of the loss-threshold membership attack, one panel per backend, a curve per level."""
+    _require(roc, ["fpr", "tpr", "backend", "privacy", "auc", "tpr_at_fpr"], "ROC table")
+    table = roc.assign(backend_label=_backend_label(roc))
+    table["curve"] = [
+        f"{p}: AUC {a:.3f}, TPR {t:.3f} @1% FPR"
+        for p, a, t in zip(table["privacy"], table["auc"], table["tpr_at_fpr"], strict=True)
+    ]
+    backends = sorted(table["backend_label"].unique())
+    fig, axes = plt.subplots(
+        1, len(backends), figsize=(3.8 * len(backends), 3.8), squeeze=False, sharey=True
+    )
+    order = _privacy_order(table)
+    for ax, backend in zip(axes[0], backends, strict=True):
+        rows = table[table["backend_label"] == backend].copy()
+        rows["rank"] = rows["privacy"].map(order.index)
+        rows = rows.sort_values(["rank", "fpr", "tpr"], kind="stable")
+        for curve, points in rows.groupby("curve", sort=False):
+            ax.plot(points["fpr"], points["tpr"], drawstyle="steps-post", label=curve)
+        ax.plot([0, 1], [0, 1], color="grey", linestyle=":", linewidth=0.8)
+        ax.set_xlim(0, 1)
+        ax.set_ylim(0, 1)
+        ax.set_aspect("equal")
+        ax.set_title(backend)
+        ax.set_xlabel("false-positive rate (holdout flagged as member)")
+        ax.legend(loc="lower right", fontsize="x-small")
+    axes[0][0].set_ylabel("true-positive rate (train flagged as member)")
+    fig.suptitle(accounting_text(table), fontsize="small")
+    fig.tight_layout()
+    return fig
+
+
+def confusion_matrix(counts: pd.DataFrame, title: str = "") -> plt.Figure:
+    """Test-set confusion: colour = share of the true class, numbers = counts."""
+    if counts.empty:
+        raise PlotDataError("confusion matrix: no classes")
+    share = counts.div(counts.sum(axis=1).replace(0, np.nan), axis=0)
+    n = len(counts)
+    fig, ax = plt.subplots(figsize=(1.2 + 0.42 * n, 0.9 + 0.4 * n))
+    sns.heatmap(
+        share,
+        annot=counts.to_numpy(),
+        fmt="d",
+        cmap="Blues",
+        vmin=0,
+        vmax=1,
+        square=True,
+        cbar_kws={"label": "share of the true class"},
+        annot_kws={"fontsize": "x-small"},
+        ax=ax,
+    )
+    ax.set_xlabel("predicted class")
+    ax.set_ylabel("true class")
+    ax.set_title(title, fontsize="small")
+    fig.tight_layout()
+    return fig
