@@ -207,3 +207,33 @@ def test_step_writes_atomically_and_fails_in_one_line(tmp_path, runs, config):
         f"dpscale.report.aggregate: {missing}: not found; expected a run's metrics.json"
     ]
     assert len(pd.read_csv(out)) == 12  # the old summary is untouched
+
+
+def test_evaluation_scalars_join_their_run(tmp_path, runs, config):
+    evaluation = {
+        "level": "ignored: the run's own keys win",
+        "test": {"balanced_accuracy": 0.75, "macro_f1": 0.7, "per_class": [{"class": 0}]},
+        "membership": {"loss": {"auc": 0.55, "histogram": {"edges": [0, 1]}}},
+        "generalization_gap": 0.1,
+    }
+    target = runs[0]  # longtail/reference/eps8
+    evaluation_path = target.parent / "evaluation.json"
+    evaluation_path.write_text(json.dumps(evaluation))
+    out = tmp_path / "summary.csv"
+    agg.aggregate(runs, config, out, [evaluation_path])
+    table = pd.read_csv(out)
+    evaluated = table[table["run_dir"] == str(target.parent)]
+    assert len(evaluated) == 1
+    row = evaluated.iloc[0]
+    assert row["level"] == "eps8" and row["test_balanced_accuracy"] == 0.75
+    assert row["membership_loss_auc"] == 0.55 and row["generalization_gap"] == 0.1
+    assert table["test_balanced_accuracy"].isna().sum() == 11  # the runs without evaluation
+    assert not any(c.startswith(("test_per_class", "membership_loss_hist")) for c in table.columns)
+
+
+def test_evaluation_without_its_run_is_an_error(tmp_path, runs, config):
+    stray = tmp_path / "results/demo/runs/balanced/jax/none/seed0/evaluation.json"
+    stray.parent.mkdir(parents=True)
+    stray.write_text("{}")
+    with pytest.raises(agg.AggregateError, match="no metrics.json in that folder"):
+        agg.aggregate(runs, config, tmp_path / "summary.csv", [stray])

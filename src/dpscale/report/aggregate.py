@@ -2,9 +2,11 @@
 
 One tidy row per run: the run's keys (backend, mode, split, level, seed), its privacy plan
 (epsilon with the accountant, delta and sampling that qualify it), results and timing, every
-other scalar the runner recorded, then every config parameter as a column, flattened with
-underscores (model.width -> model_width). Keys a run lacks are empty cells, never a crash: a
-backend that does not report its own epsilon simply leaves backend_epsilon empty.
+other scalar the runner recorded, the scalars of the run's evaluation.json when given (lists
+such as per-class rows, the confusion matrix and histograms stay in that file), then every
+config parameter as a column, flattened with underscores (model.width -> model_width). Keys a
+run lacks are empty cells, never a crash: a backend that does not report its own epsilon
+simply leaves backend_epsilon empty.
 """
 
 from __future__ import annotations
@@ -52,6 +54,15 @@ COLUMNS = (
     "eps_pld",
     "backend_epsilon",
     "backend_accountant",
+    # from evaluation.json (dpscale.metrics.evaluate), empty when a run was not evaluated
+    "test_balanced_accuracy",
+    "test_macro_f1",
+    "test_many_shot_accuracy",
+    "test_medium_shot_accuracy",
+    "test_few_shot_accuracy",
+    "membership_loss_auc",
+    "membership_loss_tpr_at_fpr_1pct",
+    "membership_eps_lower_bound",
 )
 #: results/<exp>/runs/<split>/<backend>/<level>/seed<k>/metrics.json (workflow/rules/common.smk)
 RUN_PATH = re.compile(
@@ -114,6 +125,50 @@ def read_metrics(path: str | Path) -> dict:
                 metrics[key] = value
     metrics["run_dir"] = str(path.parent)
     return flatten(metrics)
+
+
+def read_evaluation(path: str | Path) -> dict:
+    """The scalar entries of a run's evaluation.json, flattened (lists left out)."""
+    path = Path(path)
+    try:
+        evaluation = json.loads(path.read_text())
+    except FileNotFoundError:
+        raise AggregateError(f"{path}: not found; expected a run's evaluation.json") from None
+    except json.JSONDecodeError as err:
+        raise AggregateError(f"{path}: invalid JSON ({err.msg} at line {err.lineno})") from None
+    if not isinstance(evaluation, dict):
+        raise AggregateError(f"{path}: a JSON {type(evaluation).__name__}; expected an object")
+    return flatten(_without_lists(evaluation))
+
+
+def _without_lists(obj: Mapping) -> dict:
+    """Lists left out, and the dicts that held only lists (e.g. a histogram)."""
+    out = {}
+    for key, value in obj.items():
+        if isinstance(value, Mapping):
+            value = _without_lists(value)
+            if not value:
+                continue
+        elif isinstance(value, list | tuple):
+            continue
+        out[key] = value
+    return out
+
+
+def merge_evaluations(runs: list[dict], evaluations: Iterable[str | Path]) -> list[dict]:
+    """Add each evaluation's scalars to the run in the same folder; the run's own keys win."""
+    by_dir = {str(Path(p).parent): read_evaluation(p) for p in evaluations}
+    merged = []
+    for run in runs:
+        extra = by_dir.pop(run["run_dir"], {})
+        merged.append({**{k: v for k, v in extra.items() if k not in run}, **run})
+    if by_dir:
+        orphan = sorted(by_dir)[0]
+        raise AggregateError(
+            f"{orphan}/evaluation.json: no metrics.json in that folder; "
+            "expected evaluations of the aggregated runs only"
+        )
+    return merged
 
 
 def summary_rows(metrics: Iterable[dict], config: Mapping) -> tuple[list[str], list[dict]]:
@@ -192,9 +247,15 @@ def write_text_atomic(path: str | Path, text: str) -> None:
         raise
 
 
-def aggregate(metrics_paths: Iterable[str | Path], config: Mapping, out: str | Path) -> int:
+def aggregate(
+    metrics_paths: Iterable[str | Path],
+    config: Mapping,
+    out: str | Path,
+    evaluation_paths: Iterable[str | Path] = (),
+) -> int:
     """Write the summary CSV; returns the number of rows."""
-    columns, rows = summary_rows((read_metrics(p) for p in metrics_paths), config)
+    runs = merge_evaluations([read_metrics(p) for p in metrics_paths], evaluation_paths)
+    columns, rows = summary_rows(runs, config)
     write_text_atomic(out, to_csv(columns, rows))
     return len(rows)
 
@@ -209,18 +270,21 @@ def _json_arg(name: str, text: str):
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--metrics", required=True, help="JSON list of metrics.json paths")
+    parser.add_argument("--evaluations", default="[]", help="JSON list of evaluation.json paths")
     parser.add_argument("--config", default="{}", help="the experiment config as JSON")
     parser.add_argument("--out", required=True, help="summary.csv to write")
     parser.add_argument("--threads", type=int, default=1, help="unused")
     args = parser.parse_args(argv)
     try:
         paths, config = _json_arg("--metrics", args.metrics), _json_arg("--config", args.config)
-        if not isinstance(paths, list) or not all(isinstance(p, str) for p in paths):
-            raise AggregateError("--metrics: expected a JSON list of paths")
+        evaluations = _json_arg("--evaluations", args.evaluations)
+        for name, value in (("--metrics", paths), ("--evaluations", evaluations)):
+            if not isinstance(value, list) or not all(isinstance(p, str) for p in value):
+                raise AggregateError(f"{name}: expected a JSON list of paths")
         if not isinstance(config, dict):
             raise AggregateError("--config: expected a JSON object")
         print(f"aggregating {len(paths)} runs into {args.out}", flush=True)
-        n = aggregate(paths, config, args.out)
+        n = aggregate(paths, config, args.out, evaluations)
     except AggregateError as err:
         sys.exit(f"dpscale.report.aggregate: {err}")
     print(f"wrote {n} rows to {args.out}", flush=True)
