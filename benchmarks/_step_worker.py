@@ -4,16 +4,18 @@ Not a test and not for direct use: `steps.py` runs `<venv>/bin/python benchmarks
 --backend NAME --options JSON ... --out FILE` and reads FILE (JSON). In one process:
 
 1. a non-private adapter and a private one (Adapter interface only), each built, set up and
-   stepped `--warmup` times on one random batch of exactly B real rows (P = B): build time,
+   stepped `--warmup` times on one random logical batch of B real rows padded to the runner's
+   physical batch P (plan.default_physical_batch_size(B) unless --physical): build time,
    first-step (compile / warm-up) time, and peak RSS of that phase (the kernel's high-water
    mark is reset between phases through /proc/self/clear_refs, so each phase has its own);
-2. `--steps` steady-state steps of each, interleaved (NP, DP, DP, NP, ...) so both see the same
-   load from other processes: the DP / non-private ratio is measured side by side;
-3. a real Poisson plan (dpscale.runner.plan, q = B / n_train, the runner's default physical
-   batch P) fed through dpscale.runner.feed from a memory-mapped uint8 array, as the runner
-   does: distinct chunk shapes, chunk counts and real batch sizes, compiles during the first
-   step and after it (jax: backend-compile events; tf: tf.function trace counts; torch: eager,
-   "n/a"), step time and the feed's time per step (plain and with augmentation).
+2. `--steps` steady-state steps of each on that batch, interleaved (NP, DP, DP, NP, ...) so both
+   see the same load from other processes: the DP / non-private ratio is measured side by side;
+3. a real Poisson plan (dpscale.runner.plan, q = B / n_train, the same P) fed through
+   dpscale.runner.feed from a memory-mapped uint8 array, as the runner does: distinct chunk
+   shapes, chunk counts and real batch sizes, compiles during the plan's first step and after it
+   (jax: backend-compile events; tf: tf.function trace counts; torch: eager, "n/a"); with one
+   compiled shape P both should be 0. Step time and the feed's time per step (plain and with
+   augmentation).
 
 Frameworks are never imported here: compile probes use only modules the adapter already loaded.
 Progress lines go to stdout with the prefix "[worker]".
@@ -174,7 +176,6 @@ def interleaved(adapters: dict, batch: Batch, steps: int) -> dict[str, list[floa
 
 def poisson_phase(adapter, probe, cfg, data, labels, batches, seed) -> dict:
     """The runner's feed and step over a real Poisson plan, as dpscale.runner.loop does it."""
-    adapter.setup_training(cfg)
     shapes, n_chunks, sizes = set(), set(), set()
     step_s, feed_s, feed_aug_s = [], [], []
     compiles_start = probe.count()
@@ -229,19 +230,25 @@ def run(args) -> dict:
     )  # fmt: skip
     rng = np.random.default_rng(args.seed)
     size, b = args.image_size, args.batch_size
+    physical = args.physical or plan.default_physical_batch_size(b)
+    mask = np.arange(physical) < b
     batch = Batch(
-        x=rng.standard_normal((b, size, size, 3), dtype=np.float32),
-        y=rng.integers(0, args.num_classes, b).astype(np.int64),
-        mask=np.ones(b, dtype=bool),
-    )
+        x=np.where(mask[:, None, None, None], rng.standard_normal((physical, size, size, 3)), 0)
+        .astype(np.float32),
+        y=np.where(mask, rng.integers(0, args.num_classes, physical), 0).astype(np.int64),
+        mask=mask,
+    )  # fmt: skip
+    configs = {k: step_config(p, b, physical) for k, p in (("nonprivate", False), ("dp", True))}
     probe = CompileProbe()
     adapters, phases = {}, {}
-    for key, private in (("nonprivate", False), ("dp", True)):
-        log(f"{args.backend} {options}: building and warming the {key} adapter")
+    for key, cfg in configs.items():
+        log(
+            f"{args.backend} {options}: building and warming the {key} adapter "
+            f"(B={b}, P={physical})"
+        )
         adapters[key], phases[key] = warm_phase(
-            cls, spec, options, args.seed, args.threads, step_config(private, b, b), batch,
-            args.warmup,
-        )  # fmt: skip
+            cls, spec, options, args.seed, args.threads, cfg, batch, args.warmup
+        )
         log(
             f"{key}: build {phases[key]['build_s']:.2f} s, first step "
             f"{phases[key]['first_step_s']:.2f} s, peak RSS {phases[key]['peak_rss_mb']:.0f} MB"
@@ -251,7 +258,6 @@ def run(args) -> dict:
 
     n_train = args.n_train
     q = b / n_train
-    physical = plan.default_physical_batch_size(b)
     batches = plan.epoch_plan(n_train, q, args.poisson_steps, args.seed, 1)
     poisson = {}
     with tempfile.TemporaryDirectory(prefix="dpscale-steps-") as tmp:
@@ -260,8 +266,7 @@ def run(args) -> dict:
         np.save(path, rng.integers(0, 256, (n_train, size, size, 3), dtype=np.uint8))
         images = np.load(path, mmap_mode="r")
         labels = rng.integers(0, args.num_classes, n_train).astype(np.int64)
-        for key, private in (("nonprivate", False), ("dp", True)):
-            cfg = step_config(private, b, physical)
+        for key, cfg in configs.items():
             poisson[key] = poisson_phase(
                 adapters[key], probe, cfg, images, labels, batches, args.seed
             )
@@ -286,6 +291,7 @@ def run(args) -> dict:
         "width": args.width,
         "image_size": args.image_size,
         "batch_size": b,
+        "physical_batch_size": physical,
         "groups": args.groups,
         "warm": phases,
         "steady": {
@@ -310,6 +316,7 @@ def main(argv=None) -> None:
     parser.add_argument("--groups", type=int, default=32)
     parser.add_argument("--num-classes", type=int, default=10)
     parser.add_argument("--batch-size", type=int, required=True)
+    parser.add_argument("--physical", type=int, help="padded chunk size (default: the runner's)")
     parser.add_argument("--steps", type=int, required=True, help="steady-state steps of each")
     parser.add_argument("--warmup", type=int, default=2, help="untimed steps, the first timed")
     parser.add_argument("--poisson-steps", type=int, required=True)
@@ -326,6 +333,8 @@ def main(argv=None) -> None:
         parser.error(f"--options {args.options!r}; expected a JSON object")
     if args.steps < 1 or args.poisson_steps < 2 or args.warmup < 1:
         parser.error("expected --steps >= 1, --poisson-steps >= 2 and --warmup >= 1")
+    if args.physical is not None and args.physical < args.batch_size:
+        parser.error(f"--physical {args.physical}; expected >= --batch-size {args.batch_size}")
     if not 0 < args.batch_size <= args.n_train:
         parser.error(f"--batch-size {args.batch_size}; expected 1..--n-train ({args.n_train})")
     result = run(args)

@@ -1,0 +1,407 @@
+"""DP-SGD step benchmark: every backend and DP mode side by side, DP vs non-private step.
+
+Not a test (nothing is asserted). For each backend with an adapter (dpscale.backends.available())
+and a built venv (dpscale.envs; build one with `.venv/bin/python -m dpscale.envs NAME`), and each
+DP mode it offers (adapter options, MODES below), runs benchmarks/_step_worker.py inside that
+backend's venv, which measures in one process the steady-state step time of a DP and of a
+non-private step (interleaved, so both see the same load), compile / first-step time, peak RSS,
+recompiles under a real Poisson plan and the runner's feed time. Writes
+benchmarks/results/steps-<device>.json and the "## DP-SGD steps" section of docs/benchmarks.md.
+
+    .venv/bin/python benchmarks/steps.py --width 16 --image-size 32 --batch-size 64 --steps 10
+        [--threads N] [--backends opacus,jax] [--python jax=/path/to/python] [--no-write]
+        [--modes '{"opacus": [{"grad_sample_mode": "ghost"}]}']
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import json
+import os
+import platform
+import re
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from dpscale import backends, envs
+
+ROOT = Path(__file__).resolve().parents[1]
+DOC = ROOT / "docs" / "benchmarks.md"
+RESULTS = ROOT / "benchmarks" / "results"
+WORKER = Path(__file__).resolve().parent / "_step_worker.py"
+SECTION = "DP-SGD steps"
+GOAL = 2.0  # issue 9: every backend's DP step <= 2x its non-private step on CPU, width 16, B 64
+FEED_GOAL = 0.05  # the runner's feed under 5% of the step time
+
+# The DP modes each backend offers, as adapter options (see each adapter's module docstring).
+MODES: dict[str, list[dict]] = {
+    "reference": [{}],
+    "opacus": [{"grad_sample_mode": m} for m in ("hooks", "functorch", "ghost")],
+    "tfprivacy": [{"xla": True}, {"xla": False}],
+    "objax": [{}, {"use_norm_accumulation": True}],
+    "jax": [{}],
+}
+
+# Why a mode's DP step costs what it does, by the adapter's `mode` label: printed under the table
+# for modes above the goal. Mechanisms, not numbers; a label missing here gets no note.
+WHY: dict[str, str] = {}
+
+
+def cpu_name() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def usable_cores() -> int:
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:
+        return os.cpu_count() or 1
+
+
+def parse_pythons(items: list[str]) -> dict[str, Path]:
+    out = {}
+    for item in items:
+        name, sep, path = item.partition("=")
+        if not sep or not name or not path:
+            raise SystemExit(f"--python {item!r}: expected NAME=PATH (e.g. jax=/usr/bin/python3)")
+        out[name] = Path(path)
+    return out
+
+
+def parse_modes(text: str | None) -> dict[str, list[dict]]:
+    if not text:
+        return MODES
+    try:
+        modes = json.loads(text)
+    except json.JSONDecodeError as err:
+        raise SystemExit(
+            f"--modes is not JSON ({err}); expected {{backend: [options, ...]}}"
+        ) from None
+    ok = isinstance(modes, dict) and all(
+        isinstance(v, list) and all(isinstance(o, dict) for o in v) for v in modes.values()
+    )
+    if not ok:
+        raise SystemExit(f"--modes {text!r}: expected a JSON object {{backend: [options, ...]}}")
+    return {**MODES, **modes}
+
+
+def select_backends(requested: str | None, pythons: dict[str, Path]) -> list[tuple[str, Path]]:
+    """(name, interpreter) for each backend with an adapter and a venv; skipped ones explained."""
+    have = set(backends.available()) & set(envs.names())
+    names = sorted(have)
+    if requested:
+        names = [n.strip() for n in requested.split(",") if n.strip()]
+        unknown = [n for n in names if n not in have]
+        if unknown:
+            raise SystemExit(
+                f"--backends {','.join(unknown)}: no adapter or requirements file; expected "
+                f"some of {', '.join(sorted(have))}"
+            )
+    out = []
+    for name in names:
+        if name in pythons:
+            out.append((name, pythons[name]))
+        elif (envs.env_prefix(name) / envs.READY).exists():
+            out.append((name, envs.python(name)))
+        else:
+            print(
+                f"skipping {name}: its venv is not built "
+                f"(run .venv/bin/python -m dpscale.envs {name})",
+                flush=True,
+            )
+    return out
+
+
+def run_worker(python: Path, backend: str, options: dict, batch: int, args, tmp: Path) -> dict:
+    """One worker process; its "[worker]" lines are echoed, the rest kept for errors."""
+    out = tmp / f"{backend}-{len(list(tmp.iterdir()))}.json"
+    cmd = [
+        str(python), str(WORKER), "--backend", backend, "--options", json.dumps(options),
+        "--width", str(args.width), "--image-size", str(args.image_size),
+        "--groups", str(args.groups), "--num-classes", str(args.num_classes),
+        "--batch-size", str(batch), *(["--physical", str(args.physical)] if args.physical else []),
+        "--steps", str(args.steps), "--warmup", str(args.warmup),
+        "--poisson-steps", str(args.poisson_steps), "--n-train", str(args.n_train),
+        "--threads", str(args.threads), "--seed", str(args.seed), "--out", str(out),
+    ]  # fmt: skip
+    tail: collections.deque[str] = collections.deque(maxlen=30)
+    started = time.perf_counter()
+    proc = subprocess.Popen(
+        cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=tempfile.gettempdir()
+    )
+    try:
+        for line in proc.stdout:
+            tail.append(line.rstrip())
+            if line.startswith("[worker]"):
+                print("   ", line.rstrip(), flush=True)
+        proc.wait(timeout=args.timeout)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
+    wall = time.perf_counter() - started
+    if proc.returncode == 0 and out.exists():
+        result = json.loads(out.read_text())
+        result["worker_wall_s"] = wall
+        return result
+    errors = [t for t in tail if re.match(r"^\w*(Error|Exception)\b", t)] or list(tail)[-1:]
+    return {
+        "backend": backend,
+        "options": options,
+        "batch_size": batch,
+        "error": errors[-1] if errors else f"worker exited with {proc.returncode}",
+        "returncode": proc.returncode,
+        "log_tail": list(tail),
+        "worker_wall_s": wall,
+    }
+
+
+def device_tag(runs: list[dict]) -> str:
+    """'cpu' unless an adapter reported an accelerator; then its name as a file-name slug."""
+    for r in runs:
+        dev = str(r.get("device", "cpu"))
+        if dev.lower() not in ("cpu", "cpu:cpu"):
+            return re.sub(r"[^a-z0-9]+", "-", dev.lower()).strip("-")
+    return "cpu"
+
+
+def options_label(options: dict) -> str:
+    return ", ".join(f"{k}={json.dumps(v)}" for k, v in options.items()) or "defaults"
+
+
+def ms(seconds) -> str:
+    return "-" if seconds is None else f"{seconds * 1e3:.0f}"
+
+
+def table(runs: list[dict]) -> list[str]:
+    lines = [
+        "| backend | mode (options) | non-private ms | DP ms | DP / non-private | "
+        "first step s (NP / DP) | peak RSS MB (NP / DP) | Poisson step ms (NP / DP), P | "
+        "chunk shapes / batch sizes | compiles in 1st Poisson step / after | "
+        "feed ms (plain / augment) | feed / step (NP / DP) |",
+        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for r in runs:
+        label = f"{r.get('mode', '?')} ({options_label(r['options'])})"
+        if "error" in r:
+            lines.append(
+                f"| {r['backend']} | {label} | failed: {r['error'][:160]} |"
+                + " |" * 9
+            )  # fmt: skip
+            continue
+        st, w, p = r["steady"], r["warm"], r["poisson"]
+        pn, pd = p["nonprivate"], p["dp"]
+        counter = pd["compile_counter"]
+        compiles = (
+            "n/a (eager)"
+            if pd["compiles_first_step"] is None
+            else f"{pd['compiles_first_step']} / {pd['recompiles']} ({counter}, DP); "
+            f"{pn['compiles_first_step']} / {pn['recompiles']} (NP)"
+        )
+        feed = pd["feed_median_s"]
+        share = " / ".join(
+            "-" if not (feed and s) else f"{feed / s:.1%}"
+            for s in (pn["step_median_s"], pd["step_median_s"])
+        )
+        shapes = "; ".join("x".join(map(str, s)) for s in pd["distinct_shapes"])
+        lines.append(
+            f"| {r['backend']} | {label} | {ms(st['nonprivate']['median_s'])} | "
+            f"{ms(st['dp']['median_s'])} | **{r['ratio']:.2f}x** | "
+            f"{w['nonprivate']['first_step_s']:.1f} / {w['dp']['first_step_s']:.1f} | "
+            f"{w['nonprivate']['peak_rss_mb']:.0f} / {w['dp']['peak_rss_mb']:.0f} | "
+            f"{ms(pn['step_median_s'])} / {ms(pd['step_median_s'])}, "
+            f"{pd['physical_batch_size']} | "
+            f"{shapes} / {pd['distinct_batch_sizes']} | {compiles} | "
+            f"{feed * 1e3:.1f} / {pd['feed_augment_median_s'] * 1e3:.1f} | {share} |"
+        )
+    return lines
+
+
+def section(meta: dict, runs: list[dict], json_path: Path) -> str:
+    a = meta["args"]
+    shown = json_path.relative_to(ROOT) if json_path.is_relative_to(ROOT) else json_path
+    ok = [r for r in runs if "error" not in r]
+    loads = [r["loadavg_start"][0] for r in ok] + [r["loadavg_end"][0] for r in ok]
+    lines = [
+        "`benchmarks/steps.py`: for every backend and DP mode, one worker process in the "
+        "backend's own venv builds the adapter through the Adapter interface on random data and "
+        "measures, side by side in that process: the steady-state time of a DP step "
+        f"(clip C={meta['clip_norm']:g}, sigma={meta['noise_multiplier']:g}, divisor B) and of a "
+        f"non-private step (median of {a['steps']} each, interleaved NP, DP, DP, NP, ... after "
+        f"{a['warmup']} warm-up steps; one logical batch of B real rows padded to the physical "
+        "batch P the runner uses, "
+        + (f"P = {a['physical']}" if a["physical"] else "its default B + 4 sqrt(B) rounded up to 8")
+        + "; jit backends compute the padding rows, eager torch slices them away), the first "
+        "step (compilation / warm-up) on its own, peak RSS of each phase (getrusage, high-water "
+        "mark reset between phases), and then a real Poisson plan (dpscale.runner.plan, "
+        f"q = B / {a['n_train']}, same P, {a['poisson_steps']} steps) fed through "
+        "dpscale.runner.feed from a memory-mapped uint8 array as the runner does: distinct chunk "
+        "shapes and batch sizes, compiles during its first step and after it (the shape P is "
+        "already compiled, so both should be 0), and the feed's time per step. Step times "
+        "include the adapter's host-to-framework copies. Nothing is asserted; one run, "
+        f"{meta['date']}. Raw data: `{shown}`.",
+        "",
+        f"Device: {meta['cpu']}, {meta['usable_cores']} usable cores, {a['threads']} threads per "
+        f"backend; ResNet-18 (GroupNorm, {a['groups']} groups max) width {a['width']}, "
+        f"{a['image_size']} px, {a['num_classes']} classes. Other processes share these cores: "
+        f"1-minute load average {meta['loadavg_start'][0]:.1f} at the start and "
+        f"{meta['loadavg_end'][0]:.1f} at the end"
+        + (f" ({min(loads):.1f}-{max(loads):.1f} across workers)" if loads else "")
+        + ", so absolute times are inflated and noisy; ratios come from interleaved steps in "
+        "one process and are the robust figure.",
+    ]
+    for batch in a["batch_sizes"]:
+        rows = [r for r in runs if r["batch_size"] == batch]
+        lines += ["", f"### Batch {batch}", "", *table(rows)]
+        good = [r for r in rows if "error" not in r]
+        above = [r for r in good if r["ratio"] > GOAL]
+        lines += [
+            "",
+            f"Goal DP <= {GOAL:g}x non-private: "
+            + (
+                "met by every mode."
+                if good and not above
+                else "above it: "
+                + ", ".join(f"{r['backend']} {r['mode']} {r['ratio']:.2f}x" for r in above)
+                + "."
+            ),
+        ]
+        for r in above:
+            if r["mode"] in WHY:
+                lines.append(f"- {r['backend']} {r['mode']}: {WHY[r['mode']]}")
+        shares = [
+            r["poisson"]["dp"]["feed_median_s"] / r["poisson"]["nonprivate"]["step_median_s"]
+            for r in good
+            if r["poisson"]["nonprivate"]["step_median_s"]
+        ]
+        if shares:
+            lines.append(
+                f"Feed goal < {FEED_GOAL:.0%} of the step: the feed takes at most "
+                f"{max(shares):.1%} of a non-private step (the stricter denominator)"
+                f" -> {'met' if max(shares) < FEED_GOAL else 'missed'}."
+            )
+    versions: dict[str, dict] = {}
+    for r in ok:
+        versions.setdefault(r["backend"], r["versions"])
+    lines += ["", "Versions (adapter.versions()):"]
+    for name, v in sorted(versions.items()):
+        lines.append(f"- {name}: " + ", ".join(f"{k} {val}" for k, val in v.items()))
+    return "\n".join(lines)
+
+
+def write_section(text: str) -> None:
+    """Replace (or append) the '## DP-SGD steps' section of docs/benchmarks.md, leave the rest."""
+    doc = DOC.read_text() if DOC.exists() else "# Benchmarks\n"
+    body = f"## {SECTION}\n" + text.rstrip() + "\n"
+    pattern = re.compile(rf"^## {re.escape(SECTION)}\n.*?(?=^## |\Z)", re.S | re.M)
+    if pattern.search(doc):
+        doc = pattern.sub(lambda m: body + ("\n" if m.end() < len(doc) else ""), doc)
+    else:
+        doc = doc.rstrip() + "\n\n" + body
+    DOC.write_text(doc)
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--width", type=int, default=16)
+    parser.add_argument("--image-size", type=int, default=32)
+    parser.add_argument("--groups", type=int, default=32, help="GroupNorm groups (spec default)")
+    parser.add_argument("--num-classes", type=int, default=10)
+    parser.add_argument(
+        "--batch-size", type=int, nargs="+", default=[64], help="one or more, e.g. 64 256"
+    )
+    parser.add_argument("--physical", type=int, help="padded chunk size (default: the runner's)")
+    parser.add_argument("--steps", type=int, default=10, help="steady-state steps of each kind")
+    parser.add_argument("--warmup", type=int, default=2, help="steps before timing (1st timed)")
+    parser.add_argument("--poisson-steps", type=int, default=8)
+    parser.add_argument("--n-train", type=int, default=10_000, help="Poisson plan: q = B / n")
+    parser.add_argument("--threads", type=int, default=usable_cores())
+    parser.add_argument("--backends", help="comma-separated (default: every one with a venv)")
+    parser.add_argument("--modes", help="JSON {backend: [options, ...]} replacing MODES entries")
+    parser.add_argument(
+        "--python", action="append", default=[], help="NAME=PATH: interpreter for a backend"
+    )
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--timeout", type=float, default=1800, help="seconds per worker")
+    parser.add_argument("--out", type=Path, help="JSON (default results/steps-<device>.json)")
+    parser.add_argument("--no-write", action="store_true", help="leave docs/benchmarks.md alone")
+    args = parser.parse_args(argv)
+    if min(args.batch_size) < 1 or args.steps < 1 or args.threads < 1:
+        parser.error("expected --batch-size, --steps and --threads >= 1")
+    modes = parse_modes(args.modes)
+    chosen = select_backends(args.backends, parse_pythons(args.python))
+    if not chosen:
+        raise SystemExit(
+            "no backend with a built venv; build one: .venv/bin/python -m dpscale.envs"
+        )
+
+    meta = {
+        "date": time.strftime("%Y-%m-%d %H:%M %Z"),
+        "cpu": cpu_name(),
+        "usable_cores": usable_cores(),
+        "python": platform.python_version(),
+        "clip_norm": 1.0,
+        "noise_multiplier": 1.0,
+        "loadavg_start": list(os.getloadavg()),
+        "args": {
+            "width": args.width,
+            "image_size": args.image_size,
+            "groups": args.groups,
+            "num_classes": args.num_classes,
+            "batch_sizes": args.batch_size,
+            "physical": args.physical,
+            "steps": args.steps,
+            "warmup": args.warmup,
+            "poisson_steps": args.poisson_steps,
+            "n_train": args.n_train,
+            "threads": args.threads,
+            "seed": args.seed,
+        },
+    }
+    runs = []
+    with tempfile.TemporaryDirectory(prefix="dpscale-steps-") as tmp:
+        for batch in args.batch_size:
+            for name, python in chosen:
+                for options in modes.get(name, [{}]):
+                    print(f"{name} {options_label(options)}, batch {batch}:", flush=True)
+                    r = run_worker(python, name, options, batch, args, Path(tmp))
+                    runs.append(r)
+                    if "error" in r:
+                        print(f"    failed: {r['error']}", flush=True)
+                    else:
+                        st = r["steady"]
+                        print(
+                            f"    {r['mode']}: non-private {ms(st['nonprivate']['median_s'])} ms,"
+                            f" DP {ms(st['dp']['median_s'])} ms, ratio {r['ratio']:.2f}x "
+                            f"({r['worker_wall_s']:.0f} s)",
+                            flush=True,
+                        )
+    meta["loadavg_end"] = list(os.getloadavg())
+    out = args.out or RESULTS / f"steps-{device_tag(runs)}.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    for r in runs:  # per-step lists are in the worker's JSON; keep the committed file small
+        for kind in r.get("steady", {}).values():
+            kind.pop("step_s", None)
+        for kind in r.get("poisson", {}).values():
+            kind.pop("step_s", None)
+    out.write_text(json.dumps({"meta": meta, "runs": runs}, indent=1) + "\n")
+    text = section(meta, runs, out.resolve())
+    print("\n" + text)
+    print(f"\nresults in {out}")
+    if not args.no_write:
+        write_section(text)
+        print(f"written to {DOC}")
+    sys.exit(1 if any("error" in r for r in runs) else 0)
+
+
+if __name__ == "__main__":
+    main()
