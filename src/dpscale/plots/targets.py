@@ -1,0 +1,64 @@
+"""The figure files of an experiment and the run files each figure reads (for figures.smk).
+
+Kept out of the .smk file so that it holds only rules (Snakemake's linter asks for that).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+
+@dataclass(frozen=True)
+class FigureGrid:
+    run: str  # run directory pattern with {split}, {backend}, {level}, {seed}
+    figures: Path  # results/<exp>/figures
+    splits: Sequence[str]
+    backends: Sequence[str]
+    levels: Sequence[str]
+    seeds: Sequence[int]
+
+    @property
+    def compares(self) -> bool:
+        """DP-vs-non-private figures (step-time ratio, accuracy drop) need both kinds of run."""
+        return "none" in self.levels and any(lv != "none" for lv in self.levels)
+
+    def path(self, name: str, ext: str = "svg") -> str:
+        return str(Path(self.figures) / f"{name}.{ext}")
+
+    def runs(self, split=None, backend=None, level=None) -> list[str]:
+        """Run directories of the grid, narrowed to one split / backend / level when given."""
+        return [
+            self.run.format(split=s, backend=b, level=lv, seed=k)
+            for s in self.splits
+            if split in (None, s)
+            for b in self.backends
+            if backend in (None, b)
+            for lv in self.levels
+            if level in (None, lv)
+            for k in self.seeds
+        ]
+
+    def run_files(self, name: str, **narrow) -> list[str]:
+        return [f"{run}/{name}" for run in self.runs(**narrow)]
+
+    def names(self) -> list[str]:
+        s, b, lv = self.splits, self.backends, self.levels
+        names = ["accuracy_vs_epsilon", "runtime/seconds_per_epoch"]
+        names += [f"training/{x}" for x in s]
+        names += [f"membership/roc/{x}" for x in s]
+        names += [f"membership/histograms/{x}/{y}" for x in s for y in b]
+        names += [f"confusion/{x}/{y}/{z}" for x in s for y in b for z in lv]
+        if self.compares:
+            names += ["runtime/step_time_ratio"] + [f"disparate_impact/{x}" for x in s]
+        return names
+
+    def targets(self) -> list[str]:
+        """Every figure, SVG and PNG: the report's items (summary.csv is an input of them)."""
+        return [self.path(n, ext) for n in self.names() for ext in ("svg", "png")]
+
+
+def run_dirs(paths) -> list[str]:
+    """The run directories of a rule's input files (one file per run)."""
+    return [str(Path(p).parent) for p in paths]
