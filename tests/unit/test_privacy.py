@@ -83,6 +83,16 @@ def test_epsilon_is_monotone(accountant):
     assert all(a < b for a, b in zip(by_q, by_q[1:], strict=False)), by_q
 
 
+def test_pld_grid_is_the_default_for_ordinary_epsilons_and_widens_for_huge_ones():
+    assert acc.pld_discretization_interval(**CIFAR) == acc.PLD_VALUE_DISCRETIZATION_INTERVAL
+    q, steps, delta = 64 / 1100, 102, 1e-5
+    eps_rdp = acc.epsilon_rdp(q, 0.15, steps, delta)  # about 484
+    interval = acc.pld_discretization_interval(q, 0.15, steps, delta)
+    assert interval == pytest.approx(acc.PLD_VALUE_DISCRETIZATION_INTERVAL * eps_rdp / 10)
+    # With dp-accounting's fixed 1e-4 grid this took minutes; now seconds.
+    assert 300 < acc.epsilon_pld(q, 0.15, steps, delta) < eps_rdp
+
+
 def test_pld_is_tighter_than_rdp_under_subsampling():
     assert acc.epsilon_pld(0.05, 1.0, 50, 1e-5) < acc.epsilon_rdp(0.05, 1.0, 50, 1e-5)
 
@@ -193,6 +203,7 @@ def test_plan_for_a_target_epsilon():
     assert rec["eps_rdp"] >= 8.0 * (1 - acc.CALIBRATION_RTOL)
     assert rec["eps_pld"] < rec["eps_rdp"]
     assert rec["rdp_orders"] == list(acc.RDP_ORDERS)
+    assert rec["pld_value_discretization_interval"] == acc.PLD_VALUE_DISCRETIZATION_INTERVAL
     assert rec["steps"] == 102 and rec["steps_per_epoch"] == 17
     assert len(rec["eps_by_epoch"]) == 6 and rec["eps_by_epoch"][-1] == rec["epsilon"]
     assert rec["eps_by_epoch"] == sorted(rec["eps_by_epoch"])

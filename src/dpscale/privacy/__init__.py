@@ -9,6 +9,7 @@ from the privacy file (dp-accounting is not in their venvs).
 from dpscale.privacy.accountant import (
     ACCOUNTANTS,
     CALIBRATION_RTOL,
+    PLD_GRID_SCALE_ABOVE,
     PLD_VALUE_DISCRETIZATION_INTERVAL,
     RDP_ORDERS,
     SAMPLING,
@@ -21,11 +22,13 @@ from dpscale.privacy.accountant import (
     epsilon_by_epoch,
     epsilon_pld,
     epsilon_rdp,
+    pld_discretization_interval,
 )
 
 __all__ = [
     "ACCOUNTANTS",
     "CALIBRATION_RTOL",
+    "PLD_GRID_SCALE_ABOVE",
     "PLD_VALUE_DISCRETIZATION_INTERVAL",
     "RDP_ORDERS",
     "SAMPLING",
@@ -38,4 +41,5 @@ __all__ = [
     "epsilon_by_epoch",
     "epsilon_pld",
     "epsilon_rdp",
+    "pld_discretization_interval",
 ]

@@ -75,7 +75,7 @@ def privacy_plan(
         "eps_rdp": None,
         "eps_pld": None,
         "rdp_orders": list(acc.RDP_ORDERS),
-        "pld_value_discretization_interval": acc.PLD_VALUE_DISCRETIZATION_INTERVAL,
+        "pld_value_discretization_interval": None,
         "sampling": acc.SAMPLING,
         "neighboring_relation": acc.NEIGHBORING,
         "target_epsilon": parsed["target_epsilon"],
@@ -103,6 +103,9 @@ def privacy_plan(
     record["noise_multiplier"] = sigma
     record["eps_rdp"] = acc.epsilon_rdp(q, sigma, steps, delta)
     record["eps_pld"] = acc.epsilon_pld(q, sigma, steps, delta)
+    record["pld_value_discretization_interval"] = acc.pld_discretization_interval(
+        q, sigma, steps, delta
+    )
     record["epsilon"] = record[f"eps_{accountant}"]
     by_epoch = acc.epoch_steps(steps, per_epoch)
     # The last epoch is the whole run, already computed above.
