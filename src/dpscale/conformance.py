@@ -17,6 +17,7 @@ The output (npz; `<key>/<name>` are canonical weight-shaped arrays):
   clip norm no gradient reaches (= plain per-example gradient sum);
 - `dp_update/*`, `dp_loss`: one DP step, sigma=0, lr=1, momentum 0, the chunk split into two
   chunks by complementary masks (= -grad/B: accumulation over chunks);
+  `dp_update_padding_chunk/*`: the same with an all-padding chunk between the two (= dp_update);
 - `nonprivate_update/*`, `nonprivate_loss`: one non-private step over the same two chunks;
 - `noise_update/*`: one DP step with sigma on an all-padding chunk (= -noise/B, std sigma*C/B);
   `noise_update_again/*` the same after reseed(seed) (must be identical), `noise_update_other/*`
@@ -161,6 +162,7 @@ def run(backend: str, case: dict, options: dict, threads: int = 1, log=sys.stder
     adapter.setup_training(StepConfig(True, C, 0.0, B, 0.0, P))
     update, out["dp_loss"] = step_from(adapter, chunks)
     put("dp_update", update)
+    put("dp_update_padding_chunk", step_from(adapter, [chunks[0], empty, chunks[1]])[0])
     adapter.setup_training(StepConfig(False, C, 0.0, B, 0.0, P))
     update, out["nonprivate_loss"] = step_from(adapter, chunks)
     put("nonprivate_update", update)

@@ -195,6 +195,8 @@ def test_noise_free_dp_step_over_two_chunks_is_minus_sum_over_B(variant, referen
     got = tree(variant[case], "dp_update")
     assert_tree_close(got, {k: -v / B for k, v in tree(variant[case], "grad").items()}, "own")
     assert_tree_close(got, tree(reference[case], "dp_update"), "DP update vs reference")
+    padded = tree(variant[case], "dp_update_padding_chunk")
+    assert_tree_close(padded, got, "an all-padding chunk inside a logical batch", rtol=1e-5)
 
 
 @pytest.mark.parametrize("case", CASES)
