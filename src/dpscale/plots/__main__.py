@@ -2,6 +2,8 @@
 
 Figures and what they read:
   accuracy    summary.csv                 test accuracy vs epsilon per backend, facets per split
+  balanced_accuracy  summary.csv          the same for balanced accuracy (from evaluation.json)
+  audit       summary.csv                 empirical epsilon lower bound vs accounted epsilon
   seconds     summary.csv                 seconds per epoch per backend and level
   step_ratio  summary.csv                 DP / non-private steady step time per backend
   training    runs' history.csv           train/test loss per epoch per backend, panel per level
@@ -21,7 +23,7 @@ import pandas as pd
 
 from dpscale.plots import data, figures
 
-SUMMARY_FIGURES = ("accuracy", "seconds", "step_ratio")
+SUMMARY_FIGURES = ("accuracy", "balanced_accuracy", "audit", "seconds", "step_ratio")
 RUN_FIGURES = ("training", "disparate", "mia_hist", "mia_roc", "confusion")
 NEEDS_SPLIT = ("disparate", "confusion")
 
@@ -33,6 +35,10 @@ def build(args) -> object:
         print(f"read {len(summary)} runs from {args.summary}", flush=True)
         if args.figure == "accuracy":
             return figures.accuracy_vs_epsilon(summary)
+        if args.figure == "balanced_accuracy":
+            return figures.accuracy_vs_epsilon(summary, "test_balanced_accuracy")
+        if args.figure == "audit":
+            return figures.epsilon_audit(summary)
         if args.figure == "seconds":
             return figures.seconds_per_epoch(summary)
         return figures.step_time_ratio(data.step_time_ratios(summary))

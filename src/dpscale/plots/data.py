@@ -134,7 +134,7 @@ def read_predictions(run_dir: str | Path, parts=("train", "holdout", "test")) ->
 
 
 def read_history(run_dir: str | Path, metrics: Mapping | None = None) -> pd.DataFrame:
-    """One run's history.csv with its run keys as columns."""
+    """One run's history.csv with its run keys as columns (`privacy`: the final epsilon)."""
     path = Path(run_dir) / "history.csv"
     if not path.exists():
         raise PlotDataError(f"{path}: not found; expected a run's history.csv")
@@ -143,7 +143,8 @@ def read_history(run_dir: str | Path, metrics: Mapping | None = None) -> pd.Data
         if column not in history:
             raise PlotDataError(f"{path}: no column {column!r}; expected the runner's columns")
     for key, value in run_keys(metrics or read_metrics(run_dir)).items():
-        history[key] = value
+        if key not in history:  # history's own epsilon is per epoch: keep it
+            history[key] = value
     return history
 
 

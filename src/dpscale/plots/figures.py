@@ -17,6 +17,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 import seaborn as sns  # noqa: E402
+from matplotlib.ticker import MaxNLocator  # noqa: E402
 
 from dpscale.plots.data import (  # noqa: E402
     MEMBER,
@@ -59,15 +60,19 @@ def _require(table: pd.DataFrame, columns, what: str) -> None:
 
 def _backend_label(table: pd.DataFrame) -> pd.Series:
     """'opacus (hooks)': the mode tells apart runs of one backend with different mechanisms."""
-    mode = table["mode"].fillna("") if "mode" in table else pd.Series("", index=table.index)
-    return (
-        table["backend"]
-        .astype(str)
-        .where(
-            mode.eq("") | mode.eq(table["backend"]),
-            table["backend"] + " (" + mode.astype(str) + ")",
-        )
-    )
+    backend = table["backend"].astype(str)
+    if "mode" not in table:
+        return backend
+    labels = []
+    for b, mode in zip(backend, table["mode"].fillna("").astype(str), strict=True):
+        mode = mode.removeprefix(b + "-")  # 'reference-torch.func' -> 'torch.func'
+        labels.append(b if mode in ("", b) else f"{b} ({mode})")
+    return pd.Series(labels, index=table.index)
+
+
+def _with_backend_labels(table: pd.DataFrame) -> pd.DataFrame:
+    """The table with `backend` replaced by its label, so legends read 'backend'."""
+    return table.assign(backend=_backend_label(table))
 
 
 def _privacy_order(table: pd.DataFrame) -> list[str]:
@@ -77,20 +82,31 @@ def _privacy_order(table: pd.DataFrame) -> list[str]:
 
 
 def _split_title(split: str, table: pd.DataFrame) -> str:
+    """'longtail (exp, ρ=10)' from the summary's split_kind / split_rho columns."""
     rows = table[table["split"] == split]
     kind = rows["split_kind"].dropna().iloc[0] if "split_kind" in rows and len(rows) else None
     rho = rows["split_rho"].dropna().iloc[0] if "split_rho" in rows and len(rows) else None
-    if kind in (None, "balanced") or rho is None:
-        return f"{split}" + (" (balanced)" if kind == "balanced" else "")
-    return f"{split} ({kind}, ρ={rho:g})"
+    if kind is None:
+        return split
+    desc = str(kind) if kind == "balanced" or rho is None else f"{kind}, ρ={float(rho):g}"
+    return split if split == desc else f"{split} ({desc})"
 
 
-def accuracy_vs_epsilon(summary: pd.DataFrame) -> plt.Figure:
-    """Test accuracy against epsilon per backend, one facet per split; non-private dashed."""
-    _require(summary, ["split", "backend", "level", "epsilon", "test_accuracy"], "summary")
-    table = summary.assign(backend_label=_backend_label(summary))
+#: Accuracy columns of summary.csv the accuracy figure can show, with their axis labels.
+ACCURACY_METRICS = {
+    "test_accuracy": "test accuracy",
+    "test_balanced_accuracy": "test balanced accuracy (mean per-class recall)",
+}
+
+
+def accuracy_vs_epsilon(summary: pd.DataFrame, metric: str = "test_accuracy") -> plt.Figure:
+    """Accuracy against epsilon per backend, one facet per split; non-private dashed."""
+    if metric not in ACCURACY_METRICS:
+        raise PlotDataError(f"accuracy metric {metric!r}; expected one of {list(ACCURACY_METRICS)}")
+    _require(summary, ["split", "backend", "level", "epsilon", metric], "summary")
+    table = _with_backend_labels(summary)
     splits = sorted(table["split"].unique(), key=lambda s: (s != "balanced", s))
-    backends = sorted(table["backend_label"].unique())
+    backends = sorted(table["backend"].unique())
     colors = dict(zip(backends, sns.color_palette(n_colors=len(backends)), strict=True))
     fig, axes = plt.subplots(
         1, len(splits), figsize=(4.2 * len(splits), 3.4), sharey=True, squeeze=False
@@ -102,8 +118,8 @@ def accuracy_vs_epsilon(summary: pd.DataFrame) -> plt.Figure:
             sns.lineplot(
                 data=rows,
                 x="epsilon",
-                y="test_accuracy",
-                hue="backend_label",
+                y=metric,
+                hue="backend",
                 hue_order=backends,
                 palette=colors,
                 marker="o",
@@ -113,11 +129,11 @@ def accuracy_vs_epsilon(summary: pd.DataFrame) -> plt.Figure:
             )
             ax.set_xscale("log")
         nonprivate = table[(table["level"] == "none") & (table["split"] == split)]
-        for backend, acc in nonprivate.groupby("backend_label")["test_accuracy"].mean().items():
+        for backend, acc in nonprivate.groupby("backend")[metric].mean().items():
             ax.axhline(acc, color=colors[backend], linestyle="--", linewidth=1)
         ax.set_title(_split_title(split, table))
         ax.set_xlabel("ε (" + accounting_text(table) + ")" if len(private) else "ε")
-        ax.set_ylabel("test accuracy")
+        ax.set_ylabel(ACCURACY_METRICS[metric])
     handles = [plt.Line2D([], [], color=colors[b], marker="o", label=b) for b in backends]
     if (table["level"] == "none").any():
         handles.append(
@@ -131,9 +147,9 @@ def accuracy_vs_epsilon(summary: pd.DataFrame) -> plt.Figure:
 def training_curves(history: pd.DataFrame) -> plt.Figure:
     """Train loss (solid) and test loss (dashed) per epoch, one panel per privacy level."""
     _require(history, ["epoch", "train_loss", "backend", "level", "privacy"], "history")
-    table = history.assign(backend_label=_backend_label(history))
+    table = _with_backend_labels(history)
     curves = table.melt(
-        id_vars=["epoch", "backend_label", "privacy", "seed"],
+        id_vars=["epoch", "backend", "privacy", "seed"],
         value_vars=[c for c in ("train_loss", "test_loss") if c in table],
         var_name="curve",
         value_name="loss",
@@ -143,7 +159,7 @@ def training_curves(history: pd.DataFrame) -> plt.Figure:
         data=curves,
         x="epoch",
         y="loss",
-        hue="backend_label",
+        hue="backend",
         style="curve",
         style_order=["train", "test"],
         col="privacy",
@@ -157,6 +173,8 @@ def training_curves(history: pd.DataFrame) -> plt.Figure:
     )
     grid.set_titles("{col_name}")
     grid.set_axis_labels("epoch", "cross-entropy loss")
+    for ax in grid.axes.flat:
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     grid.legend.set_title("")
     grid.figure.suptitle(accounting_text(table), y=1.02, fontsize="small")
     return grid.figure
@@ -165,14 +183,14 @@ def training_curves(history: pd.DataFrame) -> plt.Figure:
 def seconds_per_epoch(summary: pd.DataFrame) -> plt.Figure:
     """Training wall time per epoch (steady state) per backend, bars by privacy level."""
     _require(summary, ["split", "backend", "level", "seconds_per_epoch"], "summary")
-    table = summary.assign(backend_label=_backend_label(summary))
+    table = _with_backend_labels(summary)
     table["privacy"] = [
         "non-private" if lv == "none" else lv for lv in table["level"]
     ]  # a level, not a realised epsilon: splits differ in epsilon for one target
     order = sorted(table["level"].unique(), key=level_order)
     grid = sns.catplot(
         data=table,
-        x="backend_label",
+        x="backend",
         y="seconds_per_epoch",
         hue="privacy",
         hue_order=["non-private" if lv == "none" else lv for lv in order],
@@ -191,11 +209,11 @@ def seconds_per_epoch(summary: pd.DataFrame) -> plt.Figure:
 def step_time_ratio(ratios: pd.DataFrame) -> plt.Figure:
     """Steady DP step time / non-private step time per backend (1 = DP is free)."""
     _require(ratios, ["split", "backend", "level", "ratio"], "step-time ratios")
-    table = ratios.assign(backend_label=_backend_label(ratios))
+    table = _with_backend_labels(ratios)
     order = sorted(table["level"].unique(), key=level_order)
     grid = sns.catplot(
         data=table,
-        x="backend_label",
+        x="backend",
         y="ratio",
         hue="level",
         hue_order=order,
@@ -218,13 +236,13 @@ def step_time_ratio(ratios: pd.DataFrame) -> plt.Figure:
 def disparate_impact(drop: pd.DataFrame) -> plt.Figure:
     """Per-class accuracy drop (non-private minus DP) against the class's training count."""
     _require(drop, ["train_count", "drop", "backend", "privacy"], "accuracy drop")
-    table = drop.assign(backend_label=_backend_label(drop), drop_pp=100 * drop["drop"])
+    table = _with_backend_labels(drop).assign(drop_pp=100 * drop["drop"])
     fig, ax = plt.subplots(figsize=(5.2, 3.6))
     sns.scatterplot(
         data=table,
         x="train_count",
         y="drop_pp",
-        hue="backend_label",
+        hue="backend",
         style="privacy",
         style_order=_privacy_order(table),
         s=40,
@@ -237,12 +255,12 @@ def disparate_impact(drop: pd.DataFrame) -> plt.Figure:
         ax.set_xscale("log")
         palette = dict(
             zip(
-                sorted(table["backend_label"].unique()),
-                sns.color_palette(n_colors=table["backend_label"].nunique()),
+                sorted(table["backend"].unique()),
+                sns.color_palette(n_colors=table["backend"].nunique()),
                 strict=True,
             )
         )
-        for (backend, _), rows in table.groupby(["backend_label", "privacy"]):
+        for (backend, _), rows in table.groupby(["backend", "privacy"]):
             x = np.log(rows["train_count"].astype(float))
             if x.nunique() > 1:
                 slope, icpt = np.polyfit(x, rows["drop_pp"], 1)
@@ -285,18 +303,18 @@ def membership_histograms(scores: pd.DataFrame) -> plt.Figure:
 def membership_roc(roc: pd.DataFrame) -> plt.Figure:
     """ROC of the loss-threshold membership attack, one panel per backend, a curve per level."""
     _require(roc, ["fpr", "tpr", "backend", "privacy", "auc", "tpr_at_fpr"], "ROC table")
-    table = roc.assign(backend_label=_backend_label(roc))
+    table = _with_backend_labels(roc)
     table["curve"] = [
         f"{p}: AUC {a:.3f}, TPR {t:.3f} @1% FPR"
         for p, a, t in zip(table["privacy"], table["auc"], table["tpr_at_fpr"], strict=True)
     ]
-    backends = sorted(table["backend_label"].unique())
+    backends = sorted(table["backend"].unique())
     fig, axes = plt.subplots(
         1, len(backends), figsize=(3.8 * len(backends), 3.8), squeeze=False, sharey=True
     )
     order = _privacy_order(table)
     for ax, backend in zip(axes[0], backends, strict=True):
-        rows = table[table["backend_label"] == backend].copy()
+        rows = table[table["backend"] == backend].copy()
         rows["rank"] = rows["privacy"].map(order.index)
         rows = rows.sort_values(["rank", "fpr", "tpr"], kind="stable")
         for curve, points in rows.groupby("curve", sort=False):
@@ -310,6 +328,42 @@ def membership_roc(roc: pd.DataFrame) -> plt.Figure:
         ax.legend(loc="lower right", fontsize="x-small")
     axes[0][0].set_ylabel("true-positive rate (train flagged as member)")
     fig.suptitle(accounting_text(table), fontsize="small")
+    fig.tight_layout()
+    return fig
+
+
+def epsilon_audit(summary: pd.DataFrame) -> plt.Figure:
+    """Empirical epsilon lower bound of the membership attack against the accounted epsilon.
+
+    A point above the diagonal would contradict the accountant (the evaluate step fails then);
+    dotted lines mark what the same attack shows on the non-private runs.
+    """
+    _require(summary, ["backend", "level", "epsilon", "membership_eps_lower_bound"], "summary")
+    table = _with_backend_labels(summary)
+    backends = sorted(table["backend"].unique())
+    colors = dict(zip(backends, sns.color_palette(n_colors=len(backends)), strict=True))
+    private = table[table["level"] != "none"].dropna(subset=["epsilon"])
+    fig, ax = plt.subplots(figsize=(5.0, 3.8))
+    sns.scatterplot(
+        data=private,
+        x="epsilon",
+        y="membership_eps_lower_bound",
+        hue="backend",
+        hue_order=backends,
+        palette=colors,
+        style="split",
+        s=50,
+        ax=ax,
+    )
+    top = float(np.nanmax(private["epsilon"])) if len(private) else 1.0
+    ax.plot([0, top * 1.1], [0, top * 1.1], color="black", linewidth=0.8, label="bound = ε")
+    nonprivate = table[table["level"] == "none"]
+    for backend, bound in nonprivate.groupby("backend")["membership_eps_lower_bound"].max().items():
+        if np.isfinite(bound):
+            ax.axhline(bound, color=colors[backend], linestyle=":", linewidth=1)
+    ax.set_xlabel("accounted ε (" + accounting_text(table) + ")")
+    ax.set_ylabel("empirical ε lower bound (threshold attacks)")
+    ax.legend(loc="center left", bbox_to_anchor=(1.0, 0.5), frameon=False, fontsize="small")
     fig.tight_layout()
     return fig
 

@@ -20,9 +20,13 @@ class FigureGrid:
     seeds: Sequence[int]
 
     @property
+    def private(self) -> bool:
+        return any(lv != "none" for lv in self.levels)
+
+    @property
     def compares(self) -> bool:
         """DP-vs-non-private figures (step-time ratio, accuracy drop) need both kinds of run."""
-        return "none" in self.levels and any(lv != "none" for lv in self.levels)
+        return "none" in self.levels and self.private
 
     def path(self, name: str, ext: str = "svg") -> str:
         return str(Path(self.figures) / f"{name}.{ext}")
@@ -45,11 +49,14 @@ class FigureGrid:
 
     def names(self) -> list[str]:
         s, b, lv = self.splits, self.backends, self.levels
-        names = ["accuracy_vs_epsilon", "runtime/seconds_per_epoch"]
+        names = ["accuracy_vs_epsilon", "balanced_accuracy_vs_epsilon"]
+        names += ["runtime/seconds_per_epoch"]
         names += [f"training/{x}" for x in s]
         names += [f"membership/roc/{x}" for x in s]
         names += [f"membership/histograms/{x}/{y}" for x in s for y in b]
         names += [f"confusion/{x}/{y}/{z}" for x in s for y in b for z in lv]
+        if self.private:
+            names += ["membership/epsilon_audit"]
         if self.compares:
             names += ["runtime/step_time_ratio"] + [f"disparate_impact/{x}" for x in s]
         return names
