@@ -16,6 +16,7 @@ import os
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -52,8 +53,13 @@ def privacy_plan(
     epochs: float,
     delta: float,
     accountant: str = "rdp",
+    progress: Callable[[str], None] | None = None,
 ) -> dict:
-    """The privacy file's content for one level (pure; see docs/architecture.md)."""
+    """The privacy file's content for one level (see docs/architecture.md).
+
+    Pure but for `progress`, which receives progress lines (PLD takes seconds per epsilon).
+    """
+    say = progress or (lambda _line: None)
     if accountant not in acc.ACCOUNTANTS:
         raise ConfigError(
             f"config error: privacy.accountant: {accountant!r}; expected one of rdp, pld"
@@ -91,8 +97,10 @@ def privacy_plan(
             f"(n_train = {n_train}); expected delta < 1/n_train"
         )
     if parsed["target_epsilon"] is not None:
+        say(f"calibrating sigma for epsilon {parsed['target_epsilon']:g} ({accountant}) ...")
         sigma = acc.calibrate_sigma(parsed["target_epsilon"], q, steps, delta, accountant)
         record["calibration_rtol"] = acc.CALIBRATION_RTOL
+        say(f"sigma = {sigma:.6g}")
     else:
         sigma = parsed["noise_multiplier"]
         if not sigma > 0:
@@ -109,9 +117,13 @@ def privacy_plan(
     record["epsilon"] = record[f"eps_{accountant}"]
     by_epoch = acc.epoch_steps(steps, per_epoch)
     # The last epoch is the whole run, already computed above.
-    record["eps_by_epoch"] = [
-        acc.epsilon(q, sigma, k, delta, accountant) for k in by_epoch[:-1]
-    ] + [record["epsilon"]]
+    every = max(1, len(by_epoch) // 10)
+    eps_by_epoch = []
+    for epoch, k in enumerate(by_epoch[:-1], start=1):
+        eps_by_epoch.append(acc.epsilon(q, sigma, k, delta, accountant))
+        if epoch % every == 0:
+            say(f"epoch {epoch}/{len(by_epoch)}: eps {eps_by_epoch[-1]:.6g} after {k} steps")
+    record["eps_by_epoch"] = [*eps_by_epoch, record["epsilon"]]
     return record
 
 
@@ -166,7 +178,13 @@ def main(argv=None) -> None:
         )
         epochs = int(args.epochs) if args.epochs == int(args.epochs) else args.epochs
         record = privacy_plan(
-            args.level, n_train, args.batch_size, epochs, args.delta, args.accountant
+            args.level,
+            n_train,
+            args.batch_size,
+            epochs,
+            args.delta,
+            args.accountant,
+            progress=lambda line: print(line, flush=True),
         )
     except (ValueError, OSError) as err:
         sys.exit(f"dpscale.privacy.calibrate: {err}")
