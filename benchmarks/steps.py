@@ -385,22 +385,26 @@ def main(argv=None) -> None:
                             f"({r['worker_wall_s']:.0f} s)",
                             flush=True,
                         )
+                    # After every worker, so a long run interrupted keeps what it measured.
+                    out, text = save(meta, runs, args)
+    print("\n" + text)
+    print(f"\nresults in {out}" + ("" if args.no_write else f"; section written to {DOC}"))
+    sys.exit(1 if any("error" in r for r in runs) else 0)
+
+
+def save(meta: dict, runs: list[dict], args) -> tuple[Path, str]:
+    """Write the JSON (small: per-step lists dropped) and, unless --no-write, the doc section."""
     meta["loadavg_end"] = list(os.getloadavg())
     out = args.out or RESULTS / f"steps-{device_tag(runs)}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
-    for r in runs:  # per-step lists are in the worker's JSON; keep the committed file small
-        for kind in r.get("steady", {}).values():
-            kind.pop("step_s", None)
-        for kind in r.get("poisson", {}).values():
+    for r in runs:
+        for kind in (*r.get("steady", {}).values(), *r.get("poisson", {}).values()):
             kind.pop("step_s", None)
     out.write_text(json.dumps({"meta": meta, "runs": runs}, indent=1) + "\n")
     text = section(meta, runs, out.resolve())
-    print("\n" + text)
-    print(f"\nresults in {out}")
     if not args.no_write:
         write_section(text)
-        print(f"written to {DOC}")
-    sys.exit(1 if any("error" in r for r in runs) else 0)
+    return out, text
 
 
 if __name__ == "__main__":
