@@ -11,6 +11,7 @@ benchmarks/results/steps-<device>.json and the "## DP-SGD steps" section of docs
     .venv/bin/python benchmarks/steps.py --width 16 --image-size 32 --batch-size 64 --steps 10
         [--threads N] [--backends opacus,jax] [--python jax=/path/to/python] [--no-write]
         [--modes '{"opacus": [{"grad_sample_mode": "ghost"}]}']
+    .venv/bin/python benchmarks/steps.py --render benchmarks/results/steps-cpu.json  # doc only
 """
 
 from __future__ import annotations
@@ -226,49 +227,62 @@ def table(runs: list[dict]) -> list[str]:
     return lines
 
 
-def section(meta: dict, runs: list[dict], json_path: Path) -> str:
+INTRO = (
+    "`benchmarks/steps.py`: for every backend and DP mode, one worker process in the backend's "
+    "own venv builds the adapter through the Adapter interface on random data and measures, side "
+    "by side in that process: the steady-state time of a DP step (clip C=1, sigma=1, divisor B) "
+    "and of a non-private step (median over steps interleaved NP, DP, DP, NP, ..., after the "
+    "warm-up; one logical batch of B real rows padded to the physical batch P the runner uses, "
+    "by default B + 4 sqrt(B) rounded up to 8: jit backends compute the padding rows, eager torch "
+    "slices them away); the first step (compilation / warm-up) on its own; peak RSS of each phase "
+    "(getrusage, its high-water mark reset between phases; device memory where the adapter "
+    "reports it); then a real Poisson plan (dpscale.runner.plan, q = B / n) fed through "
+    "dpscale.runner.feed from a memory-mapped uint8 array as the runner does: distinct chunk "
+    "shapes and batch sizes, compiles during its first step and after it (jax: backend-compile "
+    "events, tf: tf.function traces, torch: eager, n/a; the shape P is already compiled, so both "
+    "should be 0), and the feed's time per step. Step times include the adapter's host-to-"
+    "framework copies. Nothing is asserted. Each table is one run on one machine "
+    "(`benchmarks/results/steps-<device>.json`); a run on another device adds its own table."
+)
+
+
+def run_lines(meta: dict, runs: list[dict], json_path: Path) -> list[str]:
+    """One results file: its setup line, a table per batch size, goals, notes and versions."""
     a = meta["args"]
     shown = json_path.relative_to(ROOT) if json_path.is_relative_to(ROOT) else json_path
     ok = [r for r in runs if "error" not in r]
     loads = [r["loadavg_start"][0] for r in ok] + [r["loadavg_end"][0] for r in ok]
+    devices = sorted({str(r["device"]) for r in ok}) or ["?"]
+    accel = [d for d in devices if d.lower() not in ("cpu", "cpu:cpu")]
     lines = [
-        "`benchmarks/steps.py`: for every backend and DP mode, one worker process in the "
-        "backend's own venv builds the adapter through the Adapter interface on random data and "
-        "measures, side by side in that process: the steady-state time of a DP step "
-        f"(clip C={meta['clip_norm']:g}, sigma={meta['noise_multiplier']:g}, divisor B) and of a "
-        f"non-private step (median of {a['steps']} each, interleaved NP, DP, DP, NP, ... after "
-        f"{a['warmup']} warm-up steps; one logical batch of B real rows padded to the physical "
-        "batch P the runner uses, "
-        + (f"P = {a['physical']}" if a["physical"] else "its default B + 4 sqrt(B) rounded up to 8")
-        + "; jit backends compute the padding rows, eager torch slices them away), the first "
-        "step (compilation / warm-up) on its own, peak RSS of each phase (getrusage, high-water "
-        "mark reset between phases), and then a real Poisson plan (dpscale.runner.plan, "
-        f"q = B / {a['n_train']}, same P, {a['poisson_steps']} steps) fed through "
-        "dpscale.runner.feed from a memory-mapped uint8 array as the runner does: distinct chunk "
-        "shapes and batch sizes, compiles during its first step and after it (the shape P is "
-        "already compiled, so both should be 0), and the feed's time per step. Step times "
-        "include the adapter's host-to-framework copies. Nothing is asserted; one run, "
-        f"{meta['date']}. Raw data: `{shown}`.",
+        f"### {', '.join(accel) if accel else 'CPU: ' + meta['cpu']} "
+        f"(width {a['width']}, {a['image_size']} px)",
         "",
-        f"Device: {meta['cpu']}, {meta['usable_cores']} usable cores, {a['threads']} threads per "
-        f"backend; ResNet-18 (GroupNorm, {a['groups']} groups max) width {a['width']}, "
-        f"{a['image_size']} px, {a['num_classes']} classes. Other processes share these cores: "
-        f"1-minute load average {meta['loadavg_start'][0]:.1f} at the start and "
-        f"{meta['loadavg_end'][0]:.1f} at the end"
+        f"{meta['date']}; host CPU {meta['cpu']}, {meta['usable_cores']} usable cores, "
+        f"{a['threads']} thread(s) per backend; ResNet-18 (GroupNorm, at most {a['groups']} "
+        f"groups) width {a['width']}, {a['image_size']} px, {a['num_classes']} classes; "
+        f"{a['warmup']} warm-up step(s) (the first is the compile step), median of "
+        f"{a['steps']} interleaved steady steps of each kind; Poisson plan n = {a['n_train']}, "
+        f"{a['poisson_steps']} steps; P = "
+        + (str(a["physical"]) if a.get("physical") else "the runner's default")
+        + f". Raw data: `{shown}`. Other processes share these cores: 1-minute load average "
+        f"{meta['loadavg_start'][0]:.1f} at the start, {meta['loadavg_end'][0]:.1f} at the end"
         + (f" ({min(loads):.1f}-{max(loads):.1f} across workers)" if loads else "")
-        + ", so absolute times are inflated and noisy; ratios come from interleaved steps in "
+        + ": absolute times are inflated and noisy; the ratios come from interleaved steps in "
         "one process and are the robust figure.",
     ]
     for batch in a["batch_sizes"]:
         rows = [r for r in runs if r["batch_size"] == batch]
-        lines += ["", f"### Batch {batch}", "", *table(rows)]
+        if not rows:
+            continue
+        lines += ["", f"Batch {batch}:", "", *table(rows)]
         good = [r for r in rows if "error" not in r]
         above = [r for r in good if r["ratio"] > GOAL]
         lines += [
             "",
             f"Goal DP <= {GOAL:g}x non-private: "
             + (
-                "met by every mode."
+                "met by every mode measured."
                 if good and not above
                 else "above it: "
                 + ", ".join(f"{r['backend']} {r['mode']} {r['ratio']:.2f}x" for r in above)
@@ -277,25 +291,48 @@ def section(meta: dict, runs: list[dict], json_path: Path) -> str:
         ]
         for r in above:
             if r["mode"] in WHY:
-                lines.append(f"- {r['backend']} {r['mode']}: {WHY[r['mode']]}")
+                lines.append(f"- {r['mode']}: {WHY[r['mode']]}")
         shares = [
             r["poisson"]["dp"]["feed_median_s"] / r["poisson"]["nonprivate"]["step_median_s"]
             for r in good
             if r["poisson"]["nonprivate"]["step_median_s"]
         ]
         if shares:
-            lines.append(
+            lines += [
+                "",
                 f"Feed goal < {FEED_GOAL:.0%} of the step: the feed takes at most "
-                f"{max(shares):.1%} of a non-private step (the stricter denominator)"
-                f" -> {'met' if max(shares) < FEED_GOAL else 'missed'}."
-            )
+                f"{max(shares):.2%} of a non-private step (the stricter denominator): "
+                f"{'met' if max(shares) < FEED_GOAL else 'missed'}.",
+            ]
     versions: dict[str, dict] = {}
     for r in ok:
         versions.setdefault(r["backend"], r["versions"])
     lines += ["", "Versions (adapter.versions()):"]
     for name, v in sorted(versions.items()):
         lines.append(f"- {name}: " + ", ".join(f"{k} {val}" for k, val in v.items()))
+    return lines
+
+
+def section(results: list[tuple[Path, dict, list[dict]]]) -> str:
+    lines = [INTRO]
+    for path, meta, runs in results:
+        lines += ["", *run_lines(meta, runs, path)]
     return "\n".join(lines)
+
+
+def saved_results(current: Path) -> list[tuple[Path, dict, list[dict]]]:
+    """Every steps-*.json beside `current` (CPU and GPU tables side by side), `current` included."""
+    files = {current.resolve()}
+    if current.resolve().parent == RESULTS.resolve():
+        files |= {f.resolve() for f in RESULTS.glob("steps-*.json")}
+    out = []
+    for f in sorted(files):
+        try:
+            saved = json.loads(f.read_text())
+            out.append((f, saved["meta"], saved["runs"]))
+        except (OSError, json.JSONDecodeError, KeyError, TypeError) as err:
+            raise SystemExit(f"{f}: {err}; expected a steps.py results JSON") from None
+    return out
 
 
 def write_section(text: str) -> None:
@@ -334,7 +371,18 @@ def main(argv=None) -> None:
     parser.add_argument("--timeout", type=float, default=1800, help="seconds per worker")
     parser.add_argument("--out", type=Path, help="JSON (default results/steps-<device>.json)")
     parser.add_argument("--no-write", action="store_true", help="leave docs/benchmarks.md alone")
+    parser.add_argument(
+        "--render",
+        type=Path,
+        help="no run: rewrite the doc section from this results JSON (and its neighbours)",
+    )
     args = parser.parse_args(argv)
+    if args.render:
+        text = section(saved_results(args.render))
+        print(text)
+        if not args.no_write:
+            write_section(text)
+        return
     if min(args.batch_size) < 1 or args.steps < 1 or args.threads < 1:
         parser.error("expected --batch-size, --steps and --threads >= 1")
     modes = parse_modes(args.modes)
@@ -401,7 +449,7 @@ def save(meta: dict, runs: list[dict], args) -> tuple[Path, str]:
         for kind in (*r.get("steady", {}).values(), *r.get("poisson", {}).values()):
             kind.pop("step_s", None)
     out.write_text(json.dumps({"meta": meta, "runs": runs}, indent=1) + "\n")
-    text = section(meta, runs, out.resolve())
+    text = section(saved_results(out))
     if not args.no_write:
         write_section(text)
     return out, text
