@@ -96,9 +96,8 @@ def pick_device(options: dict) -> torch.device:
 
 
 def set_threads(threads: int) -> None:
-    threads = max(1, int(threads))
-    torch.set_num_threads(threads)
-    os.environ.setdefault("OMP_NUM_THREADS", str(threads))
+    """Intra-op threads; the runner's environment (OMP_NUM_THREADS, ...) already says the same."""
+    torch.set_num_threads(max(1, int(threads)))
 
 
 def to_images(x: np.ndarray, device: torch.device) -> torch.Tensor:

@@ -9,7 +9,9 @@ noise is drawn once. Padding rows are sliced away (PyTorch is eager); a logical 
 real rows still takes the noise-only step, via the empty-batch path of Opacus' clipping.
 
 Options: `grad_sample_mode` "hooks" (default), "functorch" or "ghost" (fast gradient clipping:
-ghost norms where Opacus has a norm sampler, per-sample gradients elsewhere); `device`.
+per-sample norms, then a second backward of the coefficient-weighted loss; Opacus 1.6 has ghost
+norm samplers only for Linear and Embedding, so the convs and GroupNorms of this ResNet still
+materialize per-sample gradients for their norms); `device` ("auto", "cpu", "cuda").
 Non-private: plain torch SGD on the same model, hooks off.
 """
 
