@@ -14,6 +14,7 @@ import pytest
 
 from dpscale.models.resnet import ResNetSpec, num_params, param_shapes
 from dpscale.runner.outputs import HISTORY_COLUMNS, read_history
+from dpscale.runner.plan import epoch_plan
 from dpscale.runner.synthetic import write_inputs
 from dpscale.workflow import run_step, step_command, thread_env
 from tests.conftest import venv_python
@@ -162,3 +163,17 @@ def test_nan_loss_stops_with_the_step(tmp_path):
         "stopping: lower training.lr or check the data"
     ]
     assert not (tmp_path / "out" / "metrics.json").exists()
+
+
+@pytest.mark.parametrize("private", [True, False])
+def test_empty_poisson_batches(tmp_path, private):
+    # q = 1/16 over 16 examples: about a third of the steps draw nobody. A private step still
+    # runs (noise only, as the accountant counts it); a non-private one has nothing to average.
+    inputs = write_inputs(tmp_path / "in", n_train=16, batch_size=1, epochs=1, private=private)
+    out, _, _ = train(tmp_path, inputs, "e", training={"lr": 0.05})
+    m, history = load(out)
+    plan_sizes = [len(b) for b in epoch_plan(16, 1 / 16, 16, seed=0, epoch=1)]
+    empty = plan_sizes.count(0)
+    assert empty >= 2  # this seed's plan really has empty steps
+    assert m["skipped_empty_steps"] == (0 if private else empty)
+    assert np.isfinite(history[0]["train_loss"]) and np.isfinite(m["test_loss"])

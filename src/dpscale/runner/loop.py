@@ -145,6 +145,8 @@ def load_privacy(path: Path) -> dict:
         raise RunnerError(
             f"{path}: noise_multiplier={privacy['noise_multiplier']!r}; expected >= 0"
         )
+    if privacy["private"] and not 0 < (privacy.get("delta") or 0) < 1:
+        raise RunnerError(f"{path}: delta={privacy.get('delta')!r}; expected 0 < delta < 1")
     if not privacy["expected_batch_size"] > 0:
         raise RunnerError(f"{path}: expected_batch_size must be positive")
     return privacy
@@ -340,6 +342,8 @@ class Run:
 
     def remove_checkpoint(self) -> None:
         (self.checkpoint_dir / STATE_FILE).unlink(missing_ok=True)
+        for tmp in self.checkpoint_dir.glob(f".{STATE_FILE}.*.tmp"):  # left by a kill mid-write
+            tmp.unlink(missing_ok=True)
         for old in self.checkpoint_dir.glob("epoch-*"):
             shutil.rmtree(old, ignore_errors=True)
         with contextlib.suppress(OSError):  # not empty: someone else's files, leave them
@@ -506,9 +510,13 @@ class Run:
         epoch_secs = sum(e["seconds"] for e in steady_epochs)
         backend_eps = None
         if self.private:
-            backend_eps = a.backend_epsilon(
-                self.q, self.total_steps, float(self.privacy.get("delta", 1e-5))
-            )
+            try:
+                backend_eps = a.backend_epsilon(
+                    self.q, self.total_steps, float(self.privacy["delta"])
+                )
+            except Exception as err:  # a reporting failure must not discard the trained run
+                log(f"warning: {self.backend}'s own epsilon failed: {type(err).__name__}: {err}")
+                backend_eps = {"error": f"{type(err).__name__}: {err}"}
         device_peak = a.peak_memory_bytes()
         versions = {"python": platform.python_version(), "numpy": np.__version__}
         versions.update(a.versions())
