@@ -8,6 +8,7 @@ file builds a new venv and leaves the others alone. dpscale itself is installed 
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import subprocess
 import sys
@@ -57,12 +58,20 @@ def build(name: str, prefix: Path, root: Path = PROJECT, log: str | Path | None 
     pip's output goes to the file `log` (stdout if None); `ready` is written last, so a venv
     whose build was interrupted is never taken for a finished one.
     """
-    if log is None:
-        _build(name, Path(prefix), root, sys.stdout)
-        return
-    Path(log).parent.mkdir(parents=True, exist_ok=True)
-    with open(log, "w") as out:
-        _build(name, Path(prefix), root, out)
+    prefix = Path(prefix)
+    prefix.parent.mkdir(parents=True, exist_ok=True)
+    # Two builders of one venv (a test and `make envs`, two sessions on a login node) would
+    # delete each other's files: the second waits, then finds the venv ready.
+    with open(prefix.with_name(prefix.name + ".lock"), "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if (prefix / READY).exists():
+            return
+        if log is None:
+            _build(name, prefix, root, sys.stdout)
+            return
+        Path(log).parent.mkdir(parents=True, exist_ok=True)
+        with open(log, "w") as out:
+            _build(name, prefix, root, out)
 
 
 def _build(name: str, prefix: Path, root: Path, out) -> None:
