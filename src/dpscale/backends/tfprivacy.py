@@ -25,6 +25,7 @@ import math
 import os
 import sys
 import tempfile
+import weakref
 from importlib import metadata
 from pathlib import Path
 
@@ -39,8 +40,12 @@ import numpy as np  # noqa: E402
 import tensorflow as tf  # noqa: E402
 from tensorflow_privacy.privacy.analysis import compute_dp_sgd_privacy_lib  # noqa: E402
 from tensorflow_privacy.privacy.fast_gradient_clipping import (  # noqa: E402
+    clip_grads,
     gradient_clipping_utils,
     layer_registry,
+)
+from tensorflow_privacy.privacy.fast_gradient_clipping.registry_functions import (  # noqa: E402
+    einsum_utils,
 )
 from tensorflow_privacy.privacy.keras_models.dp_keras_model import DPModel  # noqa: E402
 
@@ -49,7 +54,10 @@ from dpscale.backends.base import Adapter as BaseAdapter  # noqa: E402
 from dpscale.backends.base import Batch, StepConfig  # noqa: E402
 from dpscale.models.resnet import ResNetSpec, init_weights  # noqa: E402
 
-KNOWN_OPTIONS = {"xla", "predict_batch"}
+KNOWN_OPTIONS = {"mode", "xla", "predict_batch"}
+MODES = ("ghost", "vmap")
+DEFAULT_MODE = "ghost"
+MODE_LABELS = {"ghost": "fast-clipping-ghost", "vmap": "dpmodel-vmap"}
 CHECKPOINT_FORMAT = "dpscale-tfprivacy-1"
 ACCOUNTANT = (
     "tensorflow_privacy compute_dp_sgd_privacy_statement (RDP, dp_accounting default orders)"
@@ -78,44 +86,132 @@ def epochs_for_steps(sample_rate: float, steps: int) -> float:
     return epochs
 
 
-class Adapter(BaseAdapter):
-    mode = "dpmodel-vmap-xla"
+# -- ghost norms for the layers TF Privacy's registry lacks -------------------------------------
+# TF Privacy's fast clipping (clip_grads) asks a registry function per trainable layer for the
+# per-example squared gradient norms; version 0.9.0 ships Dense, Embedding, LayerNormalization,
+# EinsumDense and MultiHeadAttention, not Conv2D or GroupNormalization. These two follow the
+# interface of its dense/layer_normalization functions: (base_vars, outputs, sqr_norm_fn).
 
-    def __init__(self, spec: ResNetSpec, options: dict, seed: int, threads: int) -> None:
-        super().__init__(spec, options, seed, threads)
-        unknown = sorted(set(self.options) - KNOWN_OPTIONS)
-        if unknown:
-            raise ValueError(
-                f"unknown tfprivacy backend option(s) {unknown}; expected {sorted(KNOWN_OPTIONS)}"
-            )
-        self._xla = bool(self.options.get("xla", True))
-        self._predict_batch = int(self.options.get("predict_batch", 256))
-        if self._predict_batch < 1:
-            raise ValueError(f"tfprivacy option predict_batch={self._predict_batch}; expected >= 1")
-        set_threads(threads)
-        self._clip = tf.Variable(1.0, trainable=False, dtype=tf.float32, name="l2_norm_clip")
+
+def conv2d_computation(layer_instance, input_args, input_kwargs, tape, num_microbatches=None):
+    """Conv2D (no bias, no activation): per-example ||A_i^T G_i||^2 over im2col patches A_i.
+
+    The convolution is a Dense map of its patches, so TF Privacy's einsum norm helper (which
+    picks the cheaper of the ghost Gram trick and materializing per-example gradients) applies.
+    """
+    if input_kwargs or len(input_args) != 1:
+        raise ValueError("Conv2D registry function expects one positional input")
+    if layer_instance.use_bias or layer_instance.activation is not tf.keras.activations.linear:
+        raise NotImplementedError("Conv2D registry function handles bias-free linear convs only")
+    if layer_instance.data_format != "channels_last" or max(layer_instance.dilation_rate) != 1:
+        raise NotImplementedError("Conv2D registry function handles NHWC, undilated convs only")
+    x = input_args[0]
+    base_vars = layer_instance(x)
+    tape.watch(base_vars)
+
+    def sqr_norm_fn(grads):
+        kh, kw = layer_instance.kernel_size
+        sh, sw = layer_instance.strides
+        patches = tf.image.extract_patches(
+            x,
+            sizes=[1, kh, kw, 1],
+            strides=[1, sh, sw, 1],
+            rates=[1, 1, 1, 1],
+            padding=layer_instance.padding.upper(),
+        )
+        # Static sizes: the einsum helper inspects shapes to pick its algorithm.
+        n, positions = tf.shape(x)[0], grads.shape[1] * grads.shape[2]
+        a = tf.reshape(patches, [n, positions, kh * kw * x.shape[-1]])
+        g = tf.reshape(grads, [n, positions, grads.shape[-1]])
+        return einsum_utils.compute_fast_einsum_squared_gradient_norm(
+            "...b,bc->...c", a, g, None, num_microbatches
+        )
+
+    return base_vars, base_vars, sqr_norm_fn
+
+
+def group_norm_computation(layer_instance, input_args, input_kwargs, tape, num_microbatches=None):
+    """GroupNormalization: gamma and beta tiled per example (as TF Privacy's LayerNormalization
+    function does), so their gradients are per-example; the norms are then direct."""
+    del input_kwargs
+    if num_microbatches is not None:
+        raise NotImplementedError("GroupNormalization registry function has no microbatching")
+    x = input_args[0]
+    n, groups = tf.shape(x)[0], layer_instance.groups
+    channels = x.shape[-1]
+    gamma = tf.tile(layer_instance.gamma[None], [n, 1])
+    beta = tf.tile(layer_instance.beta[None], [n, 1])
+    tape.watch(gamma)
+    tape.watch(beta)
+    shape = tf.shape(x)
+    grouped = tf.reshape(x, [n, shape[1], shape[2], groups, channels // groups])
+    mean, var = tf.nn.moments(grouped, axes=[1, 2, 4], keepdims=True)
+    xhat = tf.reshape((grouped - mean) * tf.math.rsqrt(var + layer_instance.epsilon), shape)
+    outputs = xhat * gamma[:, None, None, :] + beta[:, None, None, :]
+
+    def sqr_norm_fn(grads):
+        return tf.add_n([tf.reduce_sum(tf.square(g), axis=1) for g in grads])
+
+    return [gamma, beta], outputs, sqr_norm_fn
+
+
+def make_layer_registry() -> layer_registry.LayerRegistry:
+    """TF Privacy's default registry plus Conv2D and GroupNormalization."""
+    registry = layer_registry.make_default_layer_registry()
+    registry.insert(tf.keras.layers.Conv2D, conv2d_computation)
+    registry.insert(tf.keras.layers.GroupNormalization, group_norm_computation)
+    return registry
+
+
+def _sum_loss(y, logits, sample_weight):
+    """Weighted sum of per-example cross-entropies: the clipped gradient sum, not the mean."""
+    ce = tf.keras.losses.sparse_categorical_crossentropy(y, logits, from_logits=True)
+    return tf.reduce_sum(sample_weight * ce)
+
+
+class _Engine:
+    """One Keras DPModel and its compiled programs for one (spec, xla) in this process.
+
+    XLA compiles the per-example program once per physical shape, and that takes tens of seconds
+    on a small CPU. Adapters of the same spec in one process (the conformance suite builds several)
+    share the engine: its variables hold the state of one adapter at a time (the owner), and an
+    adapter that needs the engine first parks the owner's state in numpy and loads its own.
+    """
+
+    def __init__(self, spec: ResNetSpec, mode: str, xla: bool) -> None:
+        self.spec = spec
+        self.mode = mode
+        self.owner = None  # weakref to the Adapter whose state the variables hold
+        self.clip = tf.Variable(1.0, trainable=False, dtype=tf.float32, name="l2_norm_clip")
         self.model, slots = kr.build(
             spec,
             lambda **kw: DPModel(l2_norm_clip=1.0, noise_multiplier=0.0, use_xla=False, **kw),
         )
         # DPModel's clipping reads self._l2_norm_clip; a variable lets clipped_grad_sum change C
         # without retracing. object.__setattr__ keeps Keras from tracking it as a model weight.
-        object.__setattr__(self.model, "_l2_norm_clip", self._clip)
-        self._vars = kr.variables(slots)
-        self._tvars = list(self._vars.values())
-        registry = layer_registry.make_default_layer_registry()
+        object.__setattr__(self.model, "_l2_norm_clip", self.clip)
+        self.vars = kr.variables(slots)
+        self.tvars = list(self.vars.values())
+        self.acc = [tf.Variable(tf.zeros_like(v), trainable=False) for v in self.tvars]
+        self.vel = [tf.Variable(tf.zeros_like(v), trainable=False) for v in self.tvars]
+        self.gen = tf.random.Generator.from_seed(0)
         self.ghost_supported = gradient_clipping_utils.all_trainable_layers_are_registered(
-            self.model, registry
+            self.model, layer_registry.make_default_layer_registry()
         )
-        if not self._xla:
-            self.mode = "dpmodel-vmap"
-        self.set_weights(init_weights(spec, seed))
-        self._acc = [tf.Variable(tf.zeros_like(v), trainable=False) for v in self._tvars]
-        self._vel = [tf.Variable(tf.zeros_like(v), trainable=False) for v in self._tvars]
-        self._momentum_from_checkpoint = False
-        self._gen = tf.random.Generator.from_seed(int(seed))
-        self._step: StepConfig | None = None
-        self._apply = None
+        self.registry = make_layer_registry()
+        if mode == "ghost":
+            if not gradient_clipping_utils.all_trainable_layers_are_registered(
+                self.model, self.registry
+            ):
+                raise AssertionError("a trainable layer of the ResNet has no registry function")
+            # clip_grads reads the per-example loss from the compiled loss (reduction none).
+            self.model.compile(
+                optimizer="sgd",
+                loss=tf.keras.losses.SparseCategoricalCrossentropy(from_logits=True),
+            )
+            # clip_grads returns gradients in model.trainable_variables order; ours is canonical.
+            where = {v.ref(): i for i, v in enumerate(self.model.trainable_variables)}
+            self.canonical_index = [where[v.ref()] for v in self.tvars]
 
         shape = (None, spec.image_size, spec.image_size, spec.in_channels)
         signature = [
@@ -125,50 +221,14 @@ class Adapter(BaseAdapter):
         ]
         # One compiled program per physical shape: the batch dimension is left open in the
         # signature and XLA caches one executable per concrete size (the runner's P).
-        self._dp_sum = tf.function(
-            self._dp_sum_impl, input_signature=signature, jit_compile=self._xla
-        )
-        self._grad_sum = tf.function(
-            self._grad_sum_impl, input_signature=signature, jit_compile=self._xla
-        )
-        self._dp_chunk = tf.function(self._dp_chunk_impl, input_signature=signature)
-        self._np_chunk = tf.function(self._np_chunk_impl, input_signature=signature)
-        self._logits = tf.function(
+        dp_sum = self._dp_sum_ghost if mode == "ghost" else self._dp_sum
+        self.dp_sum = tf.function(dp_sum, input_signature=signature, jit_compile=xla)
+        self.grad_sum = tf.function(self._grad_sum, input_signature=signature, jit_compile=xla)
+        self.dp_chunk = tf.function(self._dp_chunk, input_signature=signature)
+        self.np_chunk = tf.function(self._np_chunk, input_signature=signature)
+        self.logits = tf.function(
             lambda x: self.model(x, training=False), input_signature=signature[:1]
         )
-
-    # -- model ------------------------------------------------------------------------------
-    def num_params(self) -> int:
-        return int(sum(np.prod(v.shape) for v in self._tvars))
-
-    def get_weights(self) -> dict[str, np.ndarray]:
-        return {name: kr.to_canonical(name, v.numpy()) for name, v in self._vars.items()}
-
-    def set_weights(self, weights: dict[str, np.ndarray]) -> None:
-        missing = sorted(set(self._vars) - set(weights))
-        extra = sorted(set(weights) - set(self._vars))
-        if missing or extra:
-            raise ValueError(
-                f"weights do not match the model: missing {missing[:3]}, unexpected {extra[:3]}; "
-                "expected the canonical names of dpscale.models.resnet.param_shapes"
-            )
-        for name, var in self._vars.items():
-            w = kr.to_keras(name, weights[name])
-            if w.shape != tuple(var.shape):
-                want = kr.to_canonical(name, np.zeros(var.shape)).shape
-                raise ValueError(f"weights[{name!r}] has shape {np.shape(weights[name])}; "
-                                 f"expected {want}")  # fmt: skip
-            var.assign(w)
-
-    def predict(self, x: np.ndarray) -> np.ndarray:
-        n = self._predict_batch
-        out = [
-            self._logits(tf.convert_to_tensor(np.asarray(x[i : i + n], np.float32))).numpy()
-            for i in range(0, len(x), n)
-        ]
-        if not out:
-            return np.zeros((0, self.spec.num_classes), np.float32)
-        return np.concatenate(out).astype(np.float32)
 
     # -- the math (traced) ------------------------------------------------------------------
     def _example_loss(self, x, y, w):
@@ -181,11 +241,15 @@ class Adapter(BaseAdapter):
         x, y, w = example
         with tf.GradientTape() as tape:
             loss = self._example_loss(x, y, w)
-        grads = tape.gradient(loss, self._tvars)
+        grads = tape.gradient(loss, self.tvars)
         return self.model._process_per_example_grads(grads), loss
 
-    def _dp_sum_impl(self, x, y, w):
-        """Sum over real rows of per-example clipped gradients (canonical order), loss sum."""
+    def _dp_sum(self, x, y, w):
+        """Sum over real rows of per-example clipped gradients (canonical order), loss sum.
+
+        Per-example gradients as DPModel.train_step computes them: tf.vectorized_map over
+        one-example tapes (each example a batch of 1, as DPModel's microbatch axis does).
+        """
         clipped, losses = tf.vectorized_map(
             self._clipped_example_grads, (x[:, None], y[:, None], w[:, None])
         )
@@ -196,41 +260,162 @@ class Adapter(BaseAdapter):
             sums.append(tf.reduce_sum(tf.where(keep, g, tf.zeros_like(g)), axis=0))
         return sums, tf.reduce_sum(losses)
 
-    def _grad_sum_impl(self, x, y, w):
+    def _dp_sum_ghost(self, x, y, w):
+        """The same sums by TF Privacy's fast clipping: per-example norms from the registry
+        functions (one forward/backward pass), then the gradient of the loss reweighted by the
+        clip factors times the mask (a second pass): sum_i mask_i min(1, C/|g_i|) g_i."""
+        grads, logits, _ = clip_grads.compute_clipped_gradients_and_outputs(
+            self.model, self.clip, self.registry, x, y, weight_batch=w, clipping_loss=_sum_loss
+        )
+        return [grads[i] for i in self.canonical_index], _sum_loss(y, logits, w)
+
+    def _grad_sum(self, x, y, w):
         """Gradient of the summed loss of the real rows (non-private), loss sum."""
         with tf.GradientTape() as tape:
             loss = self._example_loss(x, y, w)
-        return tape.gradient(loss, self._tvars), loss
+        return tape.gradient(loss, self.tvars), loss
 
-    def _dp_chunk_impl(self, x, y, w):
-        sums, loss = self._dp_sum(x, y, w)
-        for acc, s in zip(self._acc, sums, strict=True):
+    def _dp_chunk(self, x, y, w):
+        sums, loss = self.dp_sum(x, y, w)
+        for acc, s in zip(self.acc, sums, strict=True):
             acc.assign_add(s)
         return loss
 
-    def _np_chunk_impl(self, x, y, w):
-        grads, loss = self._grad_sum(x, y, w)
-        for acc, g in zip(self._acc, grads, strict=True):
+    def _np_chunk(self, x, y, w):
+        grads, loss = self.grad_sum(x, y, w)
+        for acc, g in zip(self.acc, grads, strict=True):
             acc.assign_add(g)
         return loss
 
-    def _make_apply(self, cfg: StepConfig):
+    def make_apply(self, cfg: StepConfig):
         """g = (acc + noise) / divisor; v = mu v + g; w -= lr v; acc = 0 (one graph)."""
         std = float(cfg.noise_multiplier * cfg.clip_norm) if cfg.private else 0.0
         mu = float(cfg.momentum)
 
         @tf.function(input_signature=[tf.TensorSpec((), tf.float32)] * 2)
         def apply(lr, divisor):
-            for acc, vel, var in zip(self._acc, self._vel, self._tvars, strict=True):
+            for acc, vel, var in zip(self.acc, self.vel, self.tvars, strict=True):
                 g = acc.read_value()
                 if cfg.private:
                     # One draw per logical step, in canonical order, whatever its chunking.
-                    g = g + std * self._gen.normal(acc.shape, dtype=tf.float32)
+                    g = g + std * self.gen.normal(acc.shape, dtype=tf.float32)
                 vel.assign(mu * vel + g / divisor)
                 var.assign_sub(lr * vel)
                 acc.assign(tf.zeros_like(acc))
 
         return apply
+
+    # -- state of one adapter ---------------------------------------------------------------
+    def export_state(self) -> dict[str, np.ndarray]:
+        return {
+            "weights": [v.numpy() for v in self.tvars],
+            "momentum": [v.numpy() for v in self.vel],
+            "rng_state": self.gen.state.numpy(),
+            "clip": self.clip.numpy(),
+        }
+
+    def import_state(self, state: dict) -> None:
+        for var, w in zip(self.tvars, state["weights"], strict=True):
+            var.assign(w)
+        for vel, v in zip(self.vel, state["momentum"], strict=True):
+            vel.assign(v)
+        self.gen.state.assign(state["rng_state"])
+        self.clip.assign(state["clip"])
+        for acc in self.acc:
+            acc.assign(tf.zeros_like(acc))
+
+
+_ENGINES: dict[tuple, _Engine] = {}
+
+
+class Adapter(BaseAdapter):
+    mode = MODE_LABELS[DEFAULT_MODE] + "-xla"
+
+    def __init__(self, spec: ResNetSpec, options: dict, seed: int, threads: int) -> None:
+        super().__init__(spec, options, seed, threads)
+        unknown = sorted(set(self.options) - KNOWN_OPTIONS)
+        if unknown:
+            raise ValueError(
+                f"unknown tfprivacy backend option(s) {unknown}; expected {sorted(KNOWN_OPTIONS)}"
+            )
+        mode = self.options.get("mode", DEFAULT_MODE)
+        if mode not in MODES:
+            raise ValueError(f"tfprivacy option mode={mode!r}; expected one of {', '.join(MODES)}")
+        xla = self.options.get("xla", True)
+        if not isinstance(xla, bool):
+            raise ValueError(f"tfprivacy option xla={xla!r}; expected true or false")
+        self._predict_batch = int(self.options.get("predict_batch", 256))
+        if self._predict_batch < 1:
+            raise ValueError(f"tfprivacy option predict_batch={self._predict_batch}; expected >= 1")
+        self.mode = MODE_LABELS[mode] + ("-xla" if xla else "")
+        set_threads(threads)
+        key = (spec, mode, xla)
+        if key not in _ENGINES:
+            _ENGINES[key] = _Engine(spec, mode, xla)
+        self._eng = _ENGINES[key]
+        self._parked: dict | None = None
+        self._step: StepConfig | None = None
+        self._apply = None
+        self._momentum_from_checkpoint = False
+        # Take the engine with a fresh state: canonical init, zero momentum, seeded noise.
+        self._take()
+        for vel in self._eng.vel:
+            vel.assign(tf.zeros_like(vel))
+        self._eng.gen.reset_from_seed(int(seed))
+        self._eng.clip.assign(1.0)
+        self.set_weights(init_weights(spec, seed))
+
+    @property
+    def ghost_supported(self) -> bool:
+        """Whether TF Privacy's layer registry covers every layer (its ghost-norm fast path)."""
+        return bool(self._eng.ghost_supported)
+
+    def _take(self) -> _Engine:
+        """The engine, holding this adapter's state (parking its previous owner's)."""
+        eng = self._eng
+        owner = eng.owner() if eng.owner is not None else None
+        if owner is not self:
+            if owner is not None:
+                owner._parked = eng.export_state()
+            if self._parked is not None:
+                eng.import_state(self._parked)
+                self._parked = None
+            eng.owner = weakref.ref(self)
+        return eng
+
+    # -- model ------------------------------------------------------------------------------
+    def num_params(self) -> int:
+        return int(sum(np.prod(v.shape) for v in self._eng.tvars))
+
+    def get_weights(self) -> dict[str, np.ndarray]:
+        return {name: kr.to_canonical(name, v.numpy()) for name, v in self._take().vars.items()}
+
+    def set_weights(self, weights: dict[str, np.ndarray]) -> None:
+        variables = self._take().vars
+        missing = sorted(set(variables) - set(weights))
+        extra = sorted(set(weights) - set(variables))
+        if missing or extra:
+            raise ValueError(
+                f"weights do not match the model: missing {missing[:3]}, unexpected {extra[:3]}; "
+                "expected the canonical names of dpscale.models.resnet.param_shapes"
+            )
+        for name, var in variables.items():
+            w = kr.to_keras(name, weights[name])
+            if w.shape != tuple(var.shape):
+                want = kr.to_canonical(name, np.zeros(var.shape)).shape
+                raise ValueError(f"weights[{name!r}] has shape {np.shape(weights[name])}; "
+                                 f"expected {want}")  # fmt: skip
+            var.assign(w)
+
+    def predict(self, x: np.ndarray) -> np.ndarray:
+        eng, n = self._take(), self._predict_batch
+        out = [
+            eng.logits(tf.convert_to_tensor(np.asarray(x[i : i + n], np.float32))).numpy()
+            for i in range(0, len(x), n)
+        ]
+        if not out:
+            return np.zeros((0, self.spec.num_classes), np.float32)
+        return np.concatenate(out).astype(np.float32)
 
     # -- training ---------------------------------------------------------------------------
     def _tensors(self, batch: Batch):
@@ -255,24 +440,23 @@ class Adapter(BaseAdapter):
             )
         if step.private and step.noise_multiplier < 0:
             raise ValueError(f"noise_multiplier={step.noise_multiplier}; expected >= 0")
+        eng = self._take()
         self._step = step
-        if step.private:
-            self._clip.assign(step.clip_norm)
         if not self._momentum_from_checkpoint:
-            for vel in self._vel:
+            for vel in eng.vel:
                 vel.assign(tf.zeros_like(vel))
         self._momentum_from_checkpoint = False
-        for acc in self._acc:
+        for acc in eng.acc:
             acc.assign(tf.zeros_like(acc))
-        self._apply = self._make_apply(step)
+        self._apply = eng.make_apply(step)
 
     def train_step(self, chunks: list[Batch], lr: float) -> float:
         if self._step is None:
             raise RuntimeError("train_step called before setup_training")
-        cfg = self._step
-        chunk_fn = self._dp_chunk if cfg.private else self._np_chunk
+        eng, cfg = self._take(), self._step
+        chunk_fn = eng.dp_chunk if cfg.private else eng.np_chunk
         if cfg.private:
-            self._clip.assign(cfg.clip_norm)  # clipped_grad_sum may have changed it
+            eng.clip.assign(cfg.clip_norm)
         losses, count = [], 0
         for batch in chunks:
             x, y, w, n = self._tensors(batch)
@@ -288,23 +472,23 @@ class Adapter(BaseAdapter):
     def clipped_grad_sum(self, batch: Batch, clip_norm: float) -> dict[str, np.ndarray]:
         if clip_norm <= 0:
             raise ValueError(f"clip_norm={clip_norm}; expected > 0")
-        x, y, w, n = self._tensors(batch)
-        self._clip.assign(clip_norm)
-        sums, _ = self._dp_sum(x, y, w)
-        if self._step is not None and self._step.private:
-            self._clip.assign(self._step.clip_norm)
+        eng = self._take()
+        x, y, w, _ = self._tensors(batch)
+        eng.clip.assign(clip_norm)
+        sums, _ = eng.dp_sum(x, y, w)
         return {
-            name: kr.to_canonical(name, s.numpy()) for name, s in zip(self._vars, sums, strict=True)
+            name: kr.to_canonical(name, s.numpy()) for name, s in zip(eng.vars, sums, strict=True)
         }
 
     def reseed(self, seed: int) -> None:
-        self._gen.reset_from_seed(int(seed))
+        self._take().gen.reset_from_seed(int(seed))
 
     # -- checkpoints ------------------------------------------------------------------------
     def save_checkpoint(self, path: Path) -> None:
         path = Path(path)
-        arrays = {"format": np.array(CHECKPOINT_FORMAT), "rng_state": self._gen.state.numpy()}
-        for (name, var), vel in zip(self._vars.items(), self._vel, strict=True):
+        eng = self._take()
+        arrays = {"format": np.array(CHECKPOINT_FORMAT), "rng_state": eng.gen.state.numpy()}
+        for (name, var), vel in zip(eng.vars.items(), eng.vel, strict=True):
             arrays[f"weight/{name}"] = var.numpy()
             arrays[f"momentum/{name}"] = vel.numpy()
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -321,14 +505,15 @@ class Adapter(BaseAdapter):
         try:
             with np.load(Path(path), allow_pickle=False) as z:
                 if "format" not in z.files or str(z["format"]) != CHECKPOINT_FORMAT:
-                    raise ValueError
+                    raise ValueError("no tfprivacy format tag")
                 state = {k: z[k] for k in z.files}
         except (ValueError, OSError) as err:
-            raise ValueError(f"{path} is not a tfprivacy-backend checkpoint") from err
-        for (name, var), vel in zip(self._vars.items(), self._vel, strict=True):
+            raise ValueError(f"{path} is not a tfprivacy-backend checkpoint ({err})") from err
+        eng = self._take()
+        for (name, var), vel in zip(eng.vars.items(), eng.vel, strict=True):
             var.assign(state[f"weight/{name}"])
             vel.assign(state[f"momentum/{name}"])
-        self._gen.state.assign(state["rng_state"])
+        eng.gen.state.assign(state["rng_state"])
         # setup_training (if called after this) must keep the loaded momentum.
         self._momentum_from_checkpoint = self._step is None
 
