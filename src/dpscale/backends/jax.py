@@ -1,0 +1,352 @@
+"""Modern JAX backend: pure jax model, vmap(grad) per-example gradients, optax SGD momentum.
+
+The path for JAX releases that no longer run Objax (workflow/envs/jax.txt: current jax + optax).
+This module is dpscale.backends.jax; `import jax` below is the real package (absolute imports).
+
+- The model is dpscale.models.resnet written as pure functions over a dict of canonical names ->
+  arrays in the canonical (PyTorch) layouts: convs take OIHW kernels through
+  lax.conv_general_dilated's dimension numbers, so weights cross the contract unconverted.
+- DP step (base.py): per-example gradients by vmap(grad) over a fixed-size padded chunk, each
+  scaled by min(1, C / (||g_i|| + 1e-6)) (the reference's factor) times the row's mask, summed;
+  chunk sums accumulate over the logical batch; one Gaussian draw N(0, (sigma*C)^2) per
+  parameter per logical step from this adapter's key; divided by the expected batch size B.
+- optax.inject_hyperparams(optax.sgd)(momentum=mu): optax's trace is t = mu*t + g and the update
+  -lr*t, PyTorch's convention; the runner's lr enters as a hyperparameter, not a recompile.
+- Each step function is jitted once per physical shape (clip norm, sigma, B, lr are traced).
+
+Options: `eval_batch_size` (prediction chunk, default 128), `compilation_cache` (true: XLA's
+persistent cache in the venv; false; or a folder).
+"""
+
+from __future__ import annotations
+
+from functools import partial
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from jax import lax
+
+from dpscale.backends import _jax_common as jc
+from dpscale.backends.base import Adapter as BaseAdapter
+from dpscale.backends.base import Batch, StepConfig
+from dpscale.models.resnet import GN_EPS, ResNetSpec, blocks, init_weights, param_shapes
+
+KNOWN_OPTIONS = {"eval_batch_size", "compilation_cache"}
+CHECKPOINT_FORMAT = "dpscale-jax-1"
+CLIP_EPS = 1e-6  # as the reference: guards 0/0 for an all-zero gradient
+
+
+# -- the model: pure functions, NHWC activations -------------------------------------------
+def conv(x, w, stride: int, pad: int):
+    """Convolution with explicit symmetric padding and a canonical OIHW kernel, no bias."""
+    return lax.conv_general_dilated(
+        x, w, (stride, stride), ((pad, pad), (pad, pad)), dimension_numbers=("NHWC", "OIHW", "NHWC")
+    )
+
+
+def group_norm(x, gamma, beta, groups: int, eps: float = GN_EPS):
+    """GroupNorm over (H, W, channels of the group) per example, biased variance, as PyTorch."""
+    n, h, w, c = x.shape
+    xg = x.reshape(n, h, w, groups, c // groups)
+    mean = xg.mean(axis=(1, 2, 4), keepdims=True)
+    var = xg.var(axis=(1, 2, 4), keepdims=True)
+    xg = (xg - mean) * lax.rsqrt(var + eps)
+    return xg.reshape(n, h, w, c) * gamma + beta
+
+
+def max_pool_3x3_s2(x):
+    """The imagenet stem's max pool: 3x3, stride 2, padding 1 filled with -inf."""
+    return lax.reduce_window(
+        x, -jnp.inf, lax.max, (1, 3, 3, 1), (1, 2, 2, 1), ((0, 0), (1, 1), (1, 1), (0, 0))
+    )
+
+
+def _gn(params, name: str, x, spec: ResNetSpec):
+    return group_norm(
+        x, params[f"{name}.weight"], params[f"{name}.bias"], spec.gn_groups(x.shape[-1])
+    )
+
+
+def forward(params: dict, x, spec: ResNetSpec):
+    """Logits of the ResNet-18 of dpscale.models.resnet for NHWC images x."""
+    relu = jax.nn.relu
+    imagenet = spec.stem_kind == "imagenet"
+    x = conv(x, params["conv1.weight"], 2 if imagenet else 1, 3 if imagenet else 1)
+    x = relu(_gn(params, "gn1", x, spec))
+    if imagenet:
+        x = max_pool_3x3_s2(x)
+    for prefix, _, _, stride, down in blocks(spec):
+        out = relu(
+            _gn(params, f"{prefix}.gn1", conv(x, params[f"{prefix}.conv1.weight"], stride, 1), spec)
+        )
+        out = _gn(params, f"{prefix}.gn2", conv(out, params[f"{prefix}.conv2.weight"], 1, 1), spec)
+        if down:
+            short = conv(x, params[f"{prefix}.downsample.conv.weight"], stride, 0)
+            x = relu(out + _gn(params, f"{prefix}.downsample.gn", short, spec))
+        else:
+            x = relu(out + x)
+    return x.mean(axis=(1, 2)) @ params["fc.weight"].T + params["fc.bias"]
+
+
+def cross_entropy(logits, labels):
+    """Per-example softmax cross-entropy."""
+    logp = jax.nn.log_softmax(logits)
+    return -jnp.take_along_axis(logp, labels[:, None], axis=1)[:, 0]
+
+
+# -- the DP math: small pure functions ---------------------------------------------------------
+def example_loss(params, x, y, spec):
+    """Loss of one example (x: (H, W, 3)); vmap(grad(.)) of it gives per-example gradients."""
+    return cross_entropy(forward(params, x[None], spec), y[None])[0]
+
+
+def per_example_grads(params, x, y, spec):
+    """(grads with a leading example axis, losses (n,))."""
+    fn = jax.vmap(jax.value_and_grad(example_loss), in_axes=(None, 0, 0, None))
+    losses, grads = fn(params, x, y, spec)
+    return grads, losses
+
+
+def global_norms(grads) -> jnp.ndarray:
+    """L2 norm of each example's whole gradient (all parameters together)."""
+    sq = [jnp.sum(g.reshape(g.shape[0], -1) ** 2, axis=1) for g in jax.tree.leaves(grads)]
+    return jnp.sqrt(sum(sq))
+
+
+def clip_factors(norms, clip_norm):
+    """Per-example scale bringing a gradient of norm `norms` to at most `clip_norm`."""
+    return jnp.minimum(1.0, clip_norm / (norms + CLIP_EPS))
+
+
+def weighted_sum(grads, weights):
+    """sum_i weights_i * grads_i per parameter (weights = clip factor * mask)."""
+    return jax.tree.map(lambda g: jnp.tensordot(weights, g, axes=1), grads)
+
+
+def add_noise(tree, key, std):
+    """tree + N(0, std^2) per entry: one draw of all entries, cut into the tree's leaves.
+
+    One draw, not one per leaf: XLA compiles each random.normal into its own threefry
+    kernel, and ~60 of them made the update's compile take minutes on a CPU.
+    """
+    leaves, treedef = jax.tree.flatten(tree)
+    sizes = [x.size for x in leaves]
+    flat = std * jax.random.normal(key, (sum(sizes),), leaves[0].dtype)
+    parts = jnp.split(flat, np.cumsum(sizes)[:-1])
+    noisy = [x + p.reshape(x.shape) for x, p in zip(leaves, parts, strict=True)]
+    return jax.tree.unflatten(treedef, noisy)
+
+
+@partial(jax.jit, static_argnames="spec")
+def dp_chunk(params, x, y, mask, clip_norm, spec):
+    """(sum over real rows of clipped per-example gradients, sum of their losses)."""
+    grads, losses = per_example_grads(params, x, y, spec)
+    weights = clip_factors(global_norms(grads), clip_norm) * mask
+    return weighted_sum(grads, weights), jnp.sum(losses * mask)
+
+
+@partial(jax.jit, static_argnames="spec")
+def nonprivate_chunk(params, x, y, mask, spec):
+    """(gradient of the summed loss over real rows, that loss sum)."""
+
+    def loss_sum(p):
+        total = jnp.sum(cross_entropy(forward(p, x, spec), y) * mask)
+        return total, total
+
+    grads, total = jax.grad(loss_sum, has_aux=True)(params)
+    return grads, total
+
+
+@jax.jit
+def tree_add(a, b):
+    return jax.tree.map(jnp.add, a, b)
+
+
+def _apply(tx, params, opt_state, gsum, key, std, divisor, lr, momentum, noisy: bool):
+    """Noise (if private) once per logical step, divide, then optax SGD with momentum at lr."""
+    if noisy:
+        key, sub = jax.random.split(key)
+        gsum = add_noise(gsum, sub, std)
+    grads = jax.tree.map(lambda g: g / divisor, gsum)
+    opt_state.hyperparams["learning_rate"] = lr
+    opt_state.hyperparams["momentum"] = momentum
+    updates, opt_state = tx.update(grads, opt_state, params)
+    return optax.apply_updates(params, updates), opt_state, key
+
+
+class Adapter(BaseAdapter):
+    mode = "jax-vmap"
+
+    def __init__(self, spec: ResNetSpec, options: dict, seed: int, threads: int) -> None:
+        super().__init__(spec, options, seed, threads)
+        unknown = sorted(set(self.options) - KNOWN_OPTIONS)
+        if unknown:
+            raise ValueError(
+                f"unknown jax backend option(s) {unknown}; expected {sorted(KNOWN_OPTIONS)}"
+            )
+        self._threads_applied = jc.configure_threads(threads)  # before any computation
+        self._cache_dir = jc.compilation_cache_dir(self.options.get("compilation_cache", True))
+        jc.enable_compilation_cache(jax, self._cache_dir)
+        self._eval_rows = int(self.options.get("eval_batch_size", 128))
+        if self._eval_rows < 1:
+            raise ValueError(f"jax option eval_batch_size={self._eval_rows}; expected >= 1")
+        self._shapes = param_shapes(spec)
+        self.params: dict = {}
+        self.set_weights(init_weights(spec, seed))
+        self._key = jax.random.key(seed)
+        self._predict = jax.jit(partial(forward, spec=spec))
+        self._step: StepConfig | None = None
+        # lr and momentum are injected hyperparameters (traced), so the update compiles once.
+        self._tx = optax.inject_hyperparams(optax.sgd)(learning_rate=0.0, momentum=0.0)
+        self._opt_state = None
+        self._pending_momentum: dict | None = None
+        self._apply_noisy = jax.jit(partial(_apply, self._tx, noisy=True))
+        self._apply_plain = jax.jit(partial(_apply, self._tx, noisy=False))
+
+    # -- model ------------------------------------------------------------------------------
+    def num_params(self) -> int:
+        return int(sum(np.prod(p.shape) for p in self.params.values()))
+
+    def get_weights(self) -> dict[str, np.ndarray]:
+        return {n: np.asarray(self.params[n], dtype=np.float32) for n in self._shapes}
+
+    def set_weights(self, weights: dict[str, np.ndarray]) -> None:
+        jc.check_weights(weights, self._shapes)
+        self.params = {n: jnp.asarray(weights[n], dtype=jnp.float32) for n in self._shapes}
+
+    def predict(self, x: np.ndarray) -> np.ndarray:
+        x = np.asarray(x, dtype=np.float32)
+        n = len(x)
+        # A few fixed shapes only: full chunks of eval_rows, smaller inputs padded to a power of 2.
+        rows = min(self._eval_rows, 1 << max(n - 1, 0).bit_length())
+        out = []
+        for i in range(0, n, rows):
+            part = x[i : i + rows]
+            out.append(np.asarray(self._predict(self.params, jc.pad_rows(part, rows)))[: len(part)])
+        if not out:
+            return np.zeros((0, self.spec.num_classes), dtype=np.float32)
+        return np.concatenate(out).astype(np.float32)
+
+    def _device_batch(self, batch: Batch, physical: int | None):
+        jc.check_batch(batch.x, batch.y, batch.mask, physical)
+        return (
+            jnp.asarray(batch.x, dtype=jnp.float32),
+            jnp.asarray(batch.y, dtype=jnp.int32),
+            jnp.asarray(batch.mask, dtype=jnp.float32),
+        )
+
+    # -- training ---------------------------------------------------------------------------
+    def setup_training(self, step: StepConfig) -> None:
+        if step.private and (step.clip_norm <= 0 or step.expected_batch_size <= 0):
+            raise ValueError(
+                f"DP step needs clip_norm > 0 and expected_batch_size > 0; got "
+                f"{step.clip_norm} and {step.expected_batch_size}"
+            )
+        if step.private and step.noise_multiplier < 0:
+            raise ValueError(f"noise_multiplier={step.noise_multiplier}; expected >= 0")
+        self._step = step
+        self._opt_state = self._tx.init(self.params)
+        if self._pending_momentum is not None:  # a checkpoint loaded before setup
+            self._set_momentum(self._pending_momentum)
+            self._pending_momentum = None
+
+    def train_step(self, chunks: list[Batch], lr: float) -> float:
+        if self._step is None:
+            raise RuntimeError("train_step called before setup_training")
+        cfg = self._step
+        gsum, loss_sum, count = None, 0.0, 0
+        for batch in chunks:
+            n = batch.size
+            if n == 0:  # an all-padding chunk adds nothing; skip its compute
+                continue
+            x, y, m = self._device_batch(batch, cfg.physical_batch_size)
+            if cfg.private:
+                g, loss = dp_chunk(self.params, x, y, m, cfg.clip_norm, self.spec)
+            else:
+                g, loss = nonprivate_chunk(self.params, x, y, m, self.spec)
+            gsum = g if gsum is None else tree_add(gsum, g)
+            loss_sum += float(loss)
+            count += n
+        if gsum is None:  # Poisson sampling drew nobody: the step is noise (or nothing) alone
+            gsum = jax.tree.map(jnp.zeros_like, self.params)
+        if cfg.private:
+            std = cfg.noise_multiplier * cfg.clip_norm
+            apply, divisor = self._apply_noisy, cfg.expected_batch_size
+        else:
+            apply, divisor = self._apply_plain, float(max(count, 1))
+        self.params, self._opt_state, self._key = apply(
+            self.params,
+            self._opt_state,
+            gsum,
+            self._key,
+            std if cfg.private else 0.0,
+            divisor,
+            lr,
+            cfg.momentum,
+        )
+        return loss_sum / count if count else 0.0
+
+    def clipped_grad_sum(self, batch: Batch, clip_norm: float) -> dict[str, np.ndarray]:
+        x, y, m = self._device_batch(batch, None)
+        g, _ = dp_chunk(self.params, x, y, m, float(clip_norm), self.spec)
+        return {n: np.asarray(g[n], dtype=np.float32) for n in self._shapes}
+
+    def reseed(self, seed: int) -> None:
+        self._key = jax.random.key(int(seed))
+
+    # -- checkpoints ------------------------------------------------------------------------
+    def _momentum(self) -> dict:
+        if self._opt_state is None:
+            return self._pending_momentum or {
+                n: np.zeros(s, np.float32) for n, s in self._shapes.items()
+            }
+        return optax.tree_utils.tree_get(self._opt_state, "trace")
+
+    def _set_momentum(self, momentum: dict) -> None:
+        trace = {n: jnp.asarray(momentum[n], dtype=jnp.float32) for n in self._shapes}
+        self._opt_state = optax.tree_utils.tree_set(self._opt_state, trace=trace)
+
+    def save_checkpoint(self, path: Path) -> None:
+        arrays = {"format": np.array(CHECKPOINT_FORMAT)}
+        arrays.update({f"w/{n}": w for n, w in self.get_weights().items()})
+        momentum = self._momentum()
+        arrays.update({f"m/{n}": np.asarray(momentum[n], dtype=np.float32) for n in self._shapes})
+        arrays["noise_key"] = np.asarray(jax.random.key_data(self._key))
+        jc.save_npz_atomic(Path(path), arrays)
+
+    def load_checkpoint(self, path: Path) -> None:
+        arrays = jc.load_npz(Path(path), CHECKPOINT_FORMAT)
+        weights, momentum = jc.split_checkpoint(arrays, list(self._shapes))
+        self.set_weights(weights)
+        if self._opt_state is None:
+            self._pending_momentum = momentum
+        else:
+            self._set_momentum(momentum)
+        if "noise_key" in arrays:
+            self._key = jax.random.wrap_key_data(jnp.asarray(arrays["noise_key"]))
+
+    # -- reporting --------------------------------------------------------------------------
+    def device(self) -> str:
+        d = jax.devices()[0]
+        return f"{d.platform}:{d.device_kind}"
+
+    def peak_memory_bytes(self) -> int | None:
+        try:
+            stats = jax.devices()[0].memory_stats()  # None on CPU
+        except (AttributeError, NotImplementedError, RuntimeError):
+            return None
+        return int(stats["peak_bytes_in_use"]) if stats and "peak_bytes_in_use" in stats else None
+
+    def versions(self) -> dict[str, str]:
+        import jaxlib
+
+        return {
+            "jax": jax.__version__,
+            "jaxlib": jaxlib.__version__,
+            "optax": optax.__version__,
+            "xla_threads": jc.thread_note(self.threads),
+            "xla_compilation_cache": self._cache_dir or "off",
+        }
