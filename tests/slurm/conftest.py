@@ -86,9 +86,28 @@ def run_snakemake(
     return done
 
 
+def wait_for(predicate, timeout: float, proc: subprocess.Popen, what: str) -> None:
+    """Poll `predicate` while the background snakemake `proc` runs; fail on its end or timeout."""
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if proc.poll() is not None:
+            pytest.fail(f"snakemake ended (exit {proc.returncode}) before {what}")
+        if time.monotonic() > deadline:
+            pytest.fail(f"no {what} after {timeout} s")
+        time.sleep(0.2)
+
+
 def submitted_jobs(output: str) -> list[str]:
     """SLURM job ids, in submission order, from snakemake's output."""
     return SUBMITTED.findall(output)
+
+
+def sacct_field(job_ids: list[str], field: str) -> dict[str, str]:
+    """One accounting field (e.g. AllocTRES, Account) of each job's allocation."""
+    out = subprocess.check_output(
+        ["sacct", "-n", "-X", "-P", "-o", f"JobID,{field}", "-j", ",".join(job_ids)], text=True
+    )
+    return dict(line.split("|", 1) for line in out.splitlines() if line)
 
 
 def sacct_states(job_ids: list[str], wait_s: float = 30) -> dict[str, str]:
@@ -101,7 +120,11 @@ def sacct_states(job_ids: list[str], wait_s: float = 30) -> dict[str, str]:
         out = subprocess.check_output(
             ["sacct", "-n", "-X", "-P", "-o", "JobID,State", "-j", ",".join(job_ids)], text=True
         )
-        states = dict(line.split("|", 1) for line in out.split())
+        # A state may carry words ("CANCELLED by 0"): keep its first.
+        states = {
+            job: state.split()[0]
+            for job, state in (line.split("|", 1) for line in out.splitlines() if line)
+        }
         pending = [j for j in job_ids if states.get(j, "PENDING") in ("PENDING", "RUNNING")]
         if not pending or time.monotonic() > deadline:
             return states

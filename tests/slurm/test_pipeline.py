@@ -1,0 +1,168 @@
+"""The pipeline itself through the real local SLURM with the project's profile: the embedded
+default (smaller: fewer levels and epochs) completes with every job accounted as COMPLETED, and
+a training job cancelled mid-run is resubmitted and resumes from its checkpoint to the same
+result as the unbroken run."""
+
+from __future__ import annotations
+
+import json
+import re
+import shutil
+import subprocess
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import yaml
+
+from tests.slurm.conftest import (
+    PROJECT,
+    cancel_jobs_of,
+    run_snakemake,
+    sacct_field,
+    sacct_states,
+    snakemake_cmd,
+    wait_for,
+)
+
+pytestmark = pytest.mark.slurm
+
+# "Job 5 has been submitted with SLURM jobid 12 (log: .../slurm_logs/rule_train_opacus/12.log)."
+SUBMISSION = re.compile(r"submitted with SLURM jobid (\d+) \(log: \S*/rule_(\w+)/\d+\.log\)")
+# Results that must not depend on whether training was interrupted (timing and resumes may).
+SAME_AFTER_RESUME = (
+    "test_accuracy",
+    "test_loss",
+    "train_accuracy",
+    "train_loss",
+    "holdout_accuracy",
+    "holdout_loss",
+    "epsilon",
+    "noise_multiplier",
+    "steps_trained",
+    "epochs_trained",
+)
+RESUMED_RUN = ("balanced", "reference", "eps8", 0)
+
+
+def small_default() -> dict:
+    """config/config.yaml with fewer privacy levels and epochs, to keep CI time down."""
+    cfg = yaml.safe_load((PROJECT / "config/config.yaml").read_text())
+    cfg["privacy"]["levels"] = ["none", "eps8"]
+    cfg["training"]["epochs"] = 2
+    return cfg
+
+
+def submissions(output: str) -> list[tuple[str, str]]:
+    """(SLURM job id, rule) for every job snakemake submitted, in order."""
+    return SUBMISSION.findall(output)
+
+
+@pytest.fixture(scope="module")
+def cluster_run(slurm_cluster, tmp_path_factory):
+    workdir = tmp_path_factory.mktemp("slurm-default")
+    cfg = small_default()
+    (workdir / "config.yaml").write_text(yaml.safe_dump(cfg))
+    done = run_snakemake(
+        workdir, "--configfile", str(workdir / "config.yaml"), cpus=slurm_cluster, timeout=2400
+    )
+    assert done.returncode == 0, (done.stdout + done.stderr)[-4000:]
+    return workdir, cfg, done.stdout + done.stderr
+
+
+def run_path(workdir: Path, cfg: dict, split: str, backend: str, level: str, seed: int) -> Path:
+    return workdir / f"results/{cfg['experiment']}/runs/{split}/{backend}/{level}/seed{seed}"
+
+
+def test_default_runs_on_slurm_with_every_job_completed(cluster_run):
+    workdir, cfg, out = cluster_run
+    jobs = submissions(out)
+    splits, levels = list(cfg["splits"]["profiles"]), cfg["privacy"]["levels"]
+    n_runs = len(splits) * len(levels) * len(cfg["backends"]) * len(cfg["seeds"])
+    rules = [rule for _, rule in jobs]
+    # Everything but the local rules (build_env, fetch, aggregate, figures, targets) went to SLURM.
+    assert rules.count("prepare") == 1
+    assert rules.count("split") == len(splits)
+    assert rules.count("calibrate") == len(splits) * len(levels)
+    assert sum(r.startswith("train_") for r in rules) == n_runs
+    for backend in cfg["backends"]:
+        assert rules.count(f"train_{backend}") == n_runs // len(cfg["backends"])
+    assert rules.count("evaluate") == n_runs
+    assert len(rules) == 1 + len(splits) + len(splits) * len(levels) + 2 * n_runs
+
+    states = sacct_states([job for job, _ in jobs])
+    assert states == {job: "COMPLETED" for job, _ in jobs}
+
+    summary = pd.read_csv(workdir / f"results/{cfg['experiment']}/summary.csv")
+    assert len(summary) == n_runs
+    assert summary["test_accuracy"].between(0, 1).all()
+    private = summary[summary["level"] == "eps8"]
+    assert (private["epsilon"] <= 8 + 1e-6).all() and (private["accountant"] == "rdp").all()
+
+
+def test_training_jobs_got_a_gpu_and_data_jobs_none(cluster_run):
+    _, _, out = cluster_run
+    jobs = dict(submissions(out))
+    tres = sacct_field(list(jobs), "AllocTRES")
+    for job, rule in jobs.items():
+        assert ("gres/gpu=1" in tres[job]) == rule.startswith("train_"), (rule, tres[job])
+
+
+def test_cancelled_training_job_resumes_from_its_checkpoint(cluster_run, slurm_cluster):
+    workdir, cfg, _ = cluster_run
+    split, backend, level, seed = RESUMED_RUN
+    run = run_path(workdir, cfg, split, backend, level, seed)
+    unbroken = workdir / "unbroken"
+    shutil.copytree(run, unbroken)
+    checkpoint = (
+        workdir
+        / f"results/{cfg['experiment']}/checkpoints/{split}/{backend}/{level}/seed{seed}"
+        / "state.json"
+    )
+    assert not checkpoint.exists(), "a finished run leaves no checkpoint behind"
+
+    # Train that one run again (--force), cancel its job once the first epoch is checkpointed.
+    target = str(run.relative_to(workdir) / "metrics.json")
+    cmd = snakemake_cmd(
+        workdir,
+        "--configfile",
+        str(workdir / "config.yaml"),
+        "--force",
+        target,
+        cpus=slurm_cluster,
+    )
+    log = workdir / "resume.out"
+    with open(log, "w") as out:
+        proc = subprocess.Popen(cmd, cwd=PROJECT, stdout=out, stderr=subprocess.STDOUT)
+        try:
+            wait_for(checkpoint.exists, 900, proc, "checkpoint after the first epoch")
+            first = submissions(log.read_text())
+            assert [rule for _, rule in first] == [f"train_{backend}"]
+            subprocess.run(["scancel", first[0][0]], check=True)
+            proc.wait(timeout=900)
+        except BaseException:
+            proc.kill()
+            cancel_jobs_of(workdir)
+            raise
+    text = log.read_text()
+    assert proc.returncode == 0, text[-4000:]
+
+    jobs = submissions(text)
+    assert [rule for _, rule in jobs] == [f"train_{backend}"] * 2, "cancelled, then resubmitted"
+    states = sacct_states([job for job, _ in jobs])
+    assert states[jobs[0][0]] == "CANCELLED"
+    assert states[jobs[1][0]] == "COMPLETED"
+
+    resumed = json.loads((run / "metrics.json").read_text())
+    reference = json.loads((unbroken / "metrics.json").read_text())
+    assert resumed["resumes"] == 1 and reference["resumes"] == 0
+    for key in SAME_AFTER_RESUME:
+        assert resumed[key] == pytest.approx(reference[key], rel=1e-6), key
+    with np.load(run / "weights.npz") as a, np.load(unbroken / "weights.npz") as b:
+        assert sorted(a.files) == sorted(b.files)
+        for name in a.files:
+            np.testing.assert_allclose(a[name], b[name], rtol=1e-5, atol=1e-6, err_msg=name)
+    history = pd.read_csv(run / "history.csv")
+    assert list(history["epoch"]) == list(range(1, int(cfg["training"]["epochs"]) + 1))
+    assert not checkpoint.exists(), "the checkpoint is removed once the run is complete"
