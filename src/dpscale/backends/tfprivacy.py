@@ -121,8 +121,14 @@ def conv2d_computation(layer_instance, input_args, input_kwargs, tape, num_micro
         )
         # Static sizes: the einsum helper inspects shapes to pick its algorithm.
         n, positions = tf.shape(x)[0], grads.shape[1] * grads.shape[2]
-        a = tf.reshape(patches, [n, positions, kh * kw * x.shape[-1]])
-        g = tf.reshape(grads, [n, positions, grads.shape[-1]])
+        fan_in, fan_out = kh * kw * x.shape[-1], grads.shape[-1]
+        a = tf.reshape(patches, [n, positions, fan_in])
+        g = tf.reshape(grads, [n, positions, fan_out])
+        if num_microbatches is None and positions * (fan_in + fan_out) >= fan_in * fan_out:
+            # Many positions (early layers): the Gram trick's T x T matrices cost more than
+            # the per-example gradient itself, so form it (mixed ghost clipping, Bu et al.).
+            per_example = tf.einsum("ntk,ntc->nkc", a, g)
+            return tf.reduce_sum(tf.square(per_example), axis=[1, 2])
         return einsum_utils.compute_fast_einsum_squared_gradient_norm(
             "...b,bc->...c", a, g, None, num_microbatches
         )
