@@ -105,14 +105,18 @@ class CompileProbe:
         if self.kind == "jax backend compiles":
             return self._jax_compiles
         if self.kind == "tf.function traces":
-            # Every tf.function the adapters hold (attributes with a tracing counter).
-            return sum(
-                int(fn.experimental_get_tracing_count())
-                for a in self._adapters
-                for fn in vars(a).values()
-                if callable(getattr(fn, "experimental_get_tracing_count", None))
-            )
+            return sum(int(fn.experimental_get_tracing_count()) for fn in self._tf_functions())
         return None
+
+    def _tf_functions(self) -> list:
+        """tf.functions held by the adapters or by their attributes (e.g. a shared engine)."""
+        found: dict[int, object] = {}
+        for a in self._adapters:
+            for value in vars(a).values():
+                for obj in (value, *getattr(value, "__dict__", {}).values()):
+                    if callable(getattr(obj, "experimental_get_tracing_count", None)):
+                        found[id(obj)] = obj
+        return list(found.values())
 
 
 # -- phases -----------------------------------------------------------------------------------

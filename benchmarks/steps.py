@@ -42,14 +42,70 @@ FEED_GOAL = 0.05  # the runner's feed under 5% of the step time
 MODES: dict[str, list[dict]] = {
     "reference": [{}],
     "opacus": [{"grad_sample_mode": m} for m in ("hooks", "functorch", "ghost")],
-    "tfprivacy": [{"xla": True}, {"xla": False}],
+    # xla=false (about 10x slower per the adapter) is left out of the default run.
+    "tfprivacy": [{"mode": "ghost"}, {"mode": "vmap"}],
     "objax": [{}, {"use_norm_accumulation": True}],
     "jax": [{}],
 }
 
 # Why a mode's DP step costs what it does, by the adapter's `mode` label: printed under the table
 # for modes above the goal. Mechanisms, not numbers; a label missing here gets no note.
-WHY: dict[str, str] = {}
+WHY: dict[str, str] = {
+    "reference-torch.func": (
+        "vmap(grad) over the whole functional model materializes every example's full gradient "
+        "(B x all parameters) through batch-of-one convolutions, then norms and a tensordot; it is "
+        "the oracle, kept simple on purpose (a ghost-norm / Book-Keeping pass would cut it)."
+    ),
+    "opacus-hooks": (
+        "after the ordinary backward, Opacus' hooks rebuild each Conv2d's per-sample gradient from "
+        "unfolded activations and backprops (an einsum per layer, B x Cout x Cin k^2) and clip and "
+        "sum them in Python-level per-parameter loops; ghost norms for Conv2d (not in Opacus 1.6) "
+        "or Book-Keeping (clipped sum as one matmul per layer) would cut it."
+    ),
+    "opacus-functorch": (
+        "as hooks, but each layer's per-sample gradient comes from functorch vmap(grad) of the "
+        "layer, slower than the hand-written conv einsum on CPU; use hooks (or ghost norms)."
+    ),
+    "opacus-ghost": (
+        "Opacus 1.6 registers ghost norm samplers only for Linear and Embedding, so every Conv2d "
+        "and GroupNorm still materializes per-sample gradients to get their norms (the hooks "
+        "cost), and ghost clipping then adds a second backward pass with the clip-weighted loss; "
+        "a Conv2d norm sampler (ghost norm from unfolded activations and backprops, chosen per "
+        "layer when T^2 < Cout Cin k^2) would remove the materialization, else prefer hooks."
+    ),
+    "dpmodel-vmap-xla": (
+        "tf.vectorized_map over one-example tapes materializes every example's gradient and the "
+        "per-example Conv2DBackpropFilter has no batched kernel (pfor falls back to a while loop "
+        "over examples); TF Privacy's ghost-norm fast path would cut it but its layer registry has "
+        "no Conv2D / GroupNormalization entries: registering norm functions for them is the fix."
+    ),
+    "dpmodel-vmap": "as dpmodel-vmap-xla without XLA: every vectorized op runs unfused.",
+    "fast-clipping-ghost-xla": (
+        "TF Privacy's fast clipping runs two passes: a forward/backward whose registry "
+        "functions compute per-example norms (for the early convs by forming each example's "
+        "kernel gradient from extract_patches im2col, 9x the activations for 3x3 convs), then a "
+        "second backward of the clip-weighted loss; forming the clipped sum from the first "
+        "pass' patches and output gradients (Book-Keeping: sum_i c_i A_i^T G_i, one einsum per "
+        "layer) would drop the second backward."
+    ),
+    "objax-pgv": (
+        "PrivateGradValues with microbatch=1 vmaps the gradient over examples: XLA turns the "
+        "per-example conv filter gradients into batch-grouped convolutions, which its CPU backend "
+        "runs far slower than one batched conv, and materializes B gradients; norm accumulation "
+        "or ghost norms (norms from activations and backprops, then one weighted backward) would "
+        "cut it."
+    ),
+    "objax-pgv-normacc": (
+        "norm accumulation still takes per-example norms through vmapped gradients, then a "
+        "second, weighted backward: two passes, less memory, no less compute on CPU."
+    ),
+    "jax-vmap": (
+        "vmap(grad) per example under jit: the per-example conv filter gradients become "
+        "batch-grouped convolutions that XLA's CPU backend runs far slower than one batched conv, "
+        "and all B gradients are materialized before clipping; ghost norms / Book-Keeping (norms "
+        "from activations and output gradients, then one clip-weighted backward) would cut it."
+    ),
+}
 
 
 def cpu_name() -> str:
@@ -265,6 +321,10 @@ def run_lines(meta: dict, runs: list[dict], json_path: Path) -> list[str]:
         f"{a['steps']} interleaved steady steps of each kind; Poisson plan n = {a['n_train']}, "
         f"{a['poisson_steps']} steps; P = "
         + (str(a["physical"]) if a.get("physical") else "the runner's default")
+        + "".join(
+            f"; rows re-measured or added {x['date']} (load {x['loadavg_start'][0]:.1f})"
+            for x in meta.get("appended", [])
+        )
         + f". Raw data: `{shown}`. Other processes share these cores: 1-minute load average "
         f"{meta['loadavg_start'][0]:.1f} at the start, {meta['loadavg_end'][0]:.1f} at the end"
         + (f" ({min(loads):.1f}-{max(loads):.1f} across workers)" if loads else "")
@@ -370,6 +430,11 @@ def main(argv=None) -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--timeout", type=float, default=1800, help="seconds per worker")
     parser.add_argument("--out", type=Path, help="JSON (default results/steps-<device>.json)")
+    parser.add_argument(
+        "--append",
+        type=Path,
+        help="add these modes to (or re-measure them in) a saved results JSON of the same settings",
+    )
     parser.add_argument("--no-write", action="store_true", help="leave docs/benchmarks.md alone")
     parser.add_argument(
         "--render",
@@ -415,14 +480,30 @@ def main(argv=None) -> None:
             "seed": args.seed,
         },
     }
-    runs = []
+    runs: list[dict] = []
+    if args.append:
+        meta, runs = appended_to(args.append, meta)
+        args.out = args.append
     with tempfile.TemporaryDirectory(prefix="dpscale-steps-") as tmp:
         for batch in args.batch_size:
             for name, python in chosen:
                 for options in modes.get(name, [{}]):
                     print(f"{name} {options_label(options)}, batch {batch}:", flush=True)
-                    r = run_worker(python, name, options, batch, args, Path(tmp))
-                    runs.append(r)
+                    started = time.strftime("%Y-%m-%d %H:%M %Z")
+                    r = {
+                        **run_worker(python, name, options, batch, args, Path(tmp)),
+                        "started": started,
+                    }
+                    same = [
+                        i
+                        for i, old in enumerate(runs)
+                        if (old["backend"], old["options"], old["batch_size"])
+                        == (name, options, batch)
+                    ]
+                    if same:  # --append: a re-measured mode replaces its old row in place
+                        runs[same[0]] = r
+                    else:
+                        runs.append(r)
                     if "error" in r:
                         print(f"    failed: {r['error']}", flush=True)
                     else:
@@ -438,6 +519,32 @@ def main(argv=None) -> None:
     print("\n" + text)
     print(f"\nresults in {out}" + ("" if args.no_write else f"; section written to {DOC}"))
     sys.exit(1 if any("error" in r for r in runs) else 0)
+
+
+def appended_to(path: Path, meta: dict) -> tuple[dict, list[dict]]:
+    """The saved run at `path`, to which this run adds (or in which it replaces) modes.
+
+    Only a run with the same settings can take them, so every row stays comparable.
+    """
+    try:
+        saved = json.loads(Path(path).read_text())
+        old_meta, runs = saved["meta"], saved["runs"]
+    except (OSError, json.JSONDecodeError, KeyError, TypeError) as err:
+        raise SystemExit(f"--append {path}: {err}; expected a steps.py results JSON") from None
+    a, b = dict(old_meta["args"]), dict(meta["args"])
+    a.pop("batch_sizes"), b.pop("batch_sizes")
+    if a != b or old_meta["cpu"] != meta["cpu"]:
+        diff = sorted(k for k in a.keys() | b.keys() if a.get(k) != b.get(k)) or ["cpu"]
+        raise SystemExit(
+            f"--append {path}: settings differ ({', '.join(diff)}); expected the same as that run"
+        )
+    old_meta["args"]["batch_sizes"] = sorted(
+        set(old_meta["args"]["batch_sizes"]) | set(meta["args"]["batch_sizes"])
+    )
+    old_meta.setdefault("appended", []).append(
+        {"date": meta["date"], "loadavg_start": meta["loadavg_start"]}
+    )
+    return old_meta, runs
 
 
 def save(meta: dict, runs: list[dict], args) -> tuple[Path, str]:
