@@ -235,6 +235,14 @@ class _Engine:
         self.logits = tf.function(
             lambda x: self.model(x, training=False), input_signature=signature[:1]
         )
+        # Step hyperparameters are tensors: one trace each, whatever StepConfig or lr says.
+        scalars = [tf.TensorSpec((), tf.float32)] * 4
+        self.apply_private = tf.function(
+            lambda lr, div, std, mu: self._apply(lr, div, std, mu, True), input_signature=scalars
+        )
+        self.apply_plain = tf.function(
+            lambda lr, div, std, mu: self._apply(lr, div, std, mu, False), input_signature=scalars
+        )
 
     # -- the math (traced) ------------------------------------------------------------------
     def _example_loss(self, x, y, w):
@@ -293,23 +301,16 @@ class _Engine:
             acc.assign_add(g)
         return loss
 
-    def make_apply(self, cfg: StepConfig):
-        """g = (acc + noise) / divisor; v = mu v + g; w -= lr v; acc = 0 (one graph)."""
-        std = float(cfg.noise_multiplier * cfg.clip_norm) if cfg.private else 0.0
-        mu = float(cfg.momentum)
-
-        @tf.function(input_signature=[tf.TensorSpec((), tf.float32)] * 2)
-        def apply(lr, divisor):
-            for acc, vel, var in zip(self.acc, self.vel, self.tvars, strict=True):
-                g = acc.read_value()
-                if cfg.private:
-                    # One draw per logical step, in canonical order, whatever its chunking.
-                    g = g + std * self.gen.normal(acc.shape, dtype=tf.float32)
-                vel.assign(mu * vel + g / divisor)
-                var.assign_sub(lr * vel)
-                acc.assign(tf.zeros_like(acc))
-
-        return apply
+    def _apply(self, lr, divisor, std, mu, private: bool):
+        """g = (acc + std * N(0, 1)) / divisor; v = mu v + g; w -= lr v; acc = 0 (one graph)."""
+        for acc, vel, var in zip(self.acc, self.vel, self.tvars, strict=True):
+            g = acc.read_value()
+            if private:
+                # One draw per logical step, in canonical order, whatever its chunking.
+                g = g + std * self.gen.normal(acc.shape, dtype=tf.float32)
+            vel.assign(mu * vel + g / divisor)
+            var.assign_sub(lr * vel)
+            acc.assign(tf.zeros_like(acc))
 
     # -- state of one adapter ---------------------------------------------------------------
     def export_state(self) -> dict[str, np.ndarray]:
@@ -361,7 +362,6 @@ class Adapter(BaseAdapter):
         self._eng = _ENGINES[key]
         self._parked: dict | None = None
         self._step: StepConfig | None = None
-        self._apply = None
         self._momentum_from_checkpoint = False
         # Take the engine with a fresh state: canonical init, zero momentum, seeded noise.
         self._take()
@@ -454,7 +454,6 @@ class Adapter(BaseAdapter):
         self._momentum_from_checkpoint = False
         for acc in eng.acc:
             acc.assign(tf.zeros_like(acc))
-        self._apply = eng.make_apply(step)
 
     def train_step(self, chunks: list[Batch], lr: float) -> float:
         if self._step is None:
@@ -471,7 +470,9 @@ class Adapter(BaseAdapter):
             losses.append(chunk_fn(x, y, w))
             count += n
         divisor = cfg.expected_batch_size if cfg.private else max(count, 1)
-        self._apply(tf.constant(lr, tf.float32), tf.constant(divisor, tf.float32))
+        apply = eng.apply_private if cfg.private else eng.apply_plain
+        std = cfg.noise_multiplier * cfg.clip_norm if cfg.private else 0.0
+        apply(*(tf.constant(v, tf.float32) for v in (lr, divisor, std, cfg.momentum)))
         # An empty logical batch has no loss to average; 0.0 keeps the runner's NaN check quiet.
         return float(tf.add_n(losses)) / count if count else 0.0
 
