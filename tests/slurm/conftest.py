@@ -4,8 +4,8 @@ The session fixture starts a single-node cluster with the project's own script
 (scripts/slurm/start.sh: munge, MariaDB + slurmdbd so that `sacct` answers, slurmctld, slurmd,
 two fake GPUs) and stops it afterwards if it was not already running. Snakemake is run the way
 docs/cluster.md tells a user to: from the project root with `--profile slurm`; the only
-additions are `-d <tmp>` (each test's own working directory) and `--max-threads` (this node
-has fewer CPUs than the profile asks for).
+additions are `-d <tmp>` (each test's own working directory) and `--max-threads` (the test
+node has 2 CPUs, fewer than the profile asks for).
 """
 
 from __future__ import annotations

@@ -28,8 +28,11 @@ from tests.slurm.conftest import (
 
 pytestmark = pytest.mark.slurm
 
-# "Job 5 has been submitted with SLURM jobid 12 (log: .../slurm_logs/rule_train_opacus/12.log)."
-SUBMISSION = re.compile(r"submitted with SLURM jobid (\d+) \(log: \S*/rule_(\w+)/\d+\.log\)")
+# e.g. "... submitted with SLURM jobid 12 (log: .../slurm_logs/rule_train_opacus/12.log)."
+# (A rule with wildcards logs one folder deeper: rule_split/balanced/34.log.)
+SUBMISSION = re.compile(
+    r"submitted with SLURM jobid (\d+) \(log: \S*/slurm_logs/rule_(\w+)/\S*\d+\.log\)"
+)
 # Results that must not depend on whether training was interrupted (timing and resumes may).
 SAME_AFTER_RESUME = (
     "test_accuracy",
@@ -44,13 +47,18 @@ SAME_AFTER_RESUME = (
     "epochs_trained",
 )
 RESUMED_RUN = ("balanced", "reference", "eps8", 0)
+# One CPU per job, so that two jobs share the 2-CPU test node at a time.
+JOB_CPUS = 1
 
 
 def small_default() -> dict:
-    """config/config.yaml with fewer privacy levels and epochs, to keep CI time down."""
+    """config/config.yaml, smaller to keep CI time down: fewer levels and epochs, fewer images
+    per class, a narrower model. Same splits, backends and rules."""
     cfg = yaml.safe_load((PROJECT / "config/config.yaml").read_text())
     cfg["privacy"]["levels"] = ["none", "eps8"]
-    cfg["training"]["epochs"] = 2
+    cfg["training"].update(epochs=2, batch_size=32, physical_batch_size=48)
+    cfg["splits"].update(train_per_class=40, holdout_per_class=10, test_per_class=10)
+    cfg["model"]["width"] = 8
     return cfg
 
 
@@ -65,7 +73,7 @@ def cluster_run(slurm_cluster, tmp_path_factory):
     cfg = small_default()
     (workdir / "config.yaml").write_text(yaml.safe_dump(cfg))
     done = run_snakemake(
-        workdir, "--configfile", str(workdir / "config.yaml"), cpus=slurm_cluster, timeout=2400
+        workdir, "--configfile", str(workdir / "config.yaml"), cpus=JOB_CPUS, timeout=2400
     )
     assert done.returncode == 0, (done.stdout + done.stderr)[-4000:]
     return workdir, cfg, done.stdout + done.stderr
@@ -130,7 +138,7 @@ def test_cancelled_training_job_resumes_from_its_checkpoint(cluster_run, slurm_c
         str(workdir / "config.yaml"),
         "--force",
         target,
-        cpus=slurm_cluster,
+        cpus=JOB_CPUS,
     )
     log = workdir / "resume.out"
     with open(log, "w") as out:
