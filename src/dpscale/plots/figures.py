@@ -363,6 +363,16 @@ def epsilon_audit(summary: pd.DataFrame) -> plt.Figure:
             ax.axhline(bound, color=colors[backend], linestyle=":", linewidth=1)
     ax.set_xlabel("accounted ε (" + accounting_text(table) + ")")
     ax.set_ylabel("empirical ε lower bound (threshold attacks)")
+    unbounded = int(private["membership_eps_lower_bound"].isna().sum())
+    if unbounded:  # too few members/non-members for an interval: said, not silently dropped
+        ax.text(
+            0.02,
+            0.98,
+            f"{unbounded} private run(s) without a bound (too few examples)",
+            transform=ax.transAxes,
+            va="top",
+            fontsize="x-small",
+        )
     ax.legend(loc="center left", bbox_to_anchor=(1.0, 0.5), frameon=False, fontsize="small")
     fig.tight_layout()
     return fig
