@@ -47,7 +47,7 @@ CASES = {
         [0],
     ),
 }
-TIMEOUT_S = 900
+TIMEOUT_S = 1800
 
 
 def make_case_arrays(name: str) -> dict:

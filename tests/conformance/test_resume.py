@@ -24,7 +24,7 @@ from tests.conftest import venv_python
 
 BACKENDS = sorted(set(backends.available()) & set(envs.names()))
 EPOCHS = 6  # the kill lands after epoch 1's checkpoint: 5 epochs of margin before the end
-TIMEOUT_S = 600
+TIMEOUT_S = 1200
 
 
 def args(inputs, backend, out, ck):

@@ -76,7 +76,7 @@ def all_runs():
 
 
 def all_targets():
-    return [str(RESULTS / "summary.csv")]
+    return [str(RESULTS / "summary.csv"), *figure_targets()]
 
 
 def train_inputs(w):
