@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import os
 import sys
 import tempfile
@@ -26,6 +25,7 @@ from dpscale.metrics.classification import (
     per_example_loss,
 )
 from dpscale.metrics.membership import ALPHA, membership_report
+from dpscale.runner.outputs import _json_safe
 
 PARTS = ("train", "holdout", "test")
 
@@ -133,18 +133,6 @@ def check_audit(evaluation: dict) -> None:
             f"delta={evaluation['delta']:g}, {evaluation['sampling']} sampling); expected a "
             "bound at most the accounted epsilon: check sampling, clipping, noise and accounting"
         )
-
-
-def _json_safe(value):
-    if isinstance(value, float) and not math.isfinite(value):
-        return None
-    if isinstance(value, dict):
-        return {k: _json_safe(v) for k, v in value.items()}
-    if isinstance(value, list | tuple):
-        return [_json_safe(v) for v in value]
-    if isinstance(value, np.generic):
-        return _json_safe(value.item())
-    return value
 
 
 def write_json_atomic(path: str | Path, obj) -> None:
