@@ -89,5 +89,7 @@ def test_preempted_job_is_requeued_and_completes(slurm_cluster, tmp_path):
     text = out_file.read_text()
     assert proc.returncode == 0, text[-3000:]
     assert submitted_jobs(text)[-1] == train_job, "requeued by SLURM, not resubmitted"
-    assert "restarts=1" in (tmp_path / "out/train.txt").read_text()
+    # Started twice under the same id: first cut short by the requeue, then to the end.
+    assert (tmp_path / "logs/starts.txt").read_text().split() == [train_job, train_job]
+    assert f"slurm_job={train_job}" in (tmp_path / "out/train.txt").read_text()
     assert sacct_states([train_job])[train_job] == "COMPLETED"

@@ -32,6 +32,7 @@ TRAINING_DEFAULTS = {
     "batch_size": 256,
     "physical_batch_size": None,
     "lr": 1.0,
+    "lr_nonprivate": None,
     "momentum": 0.9,
     "schedule": "cosine",
     "warmup_epochs": 0,
@@ -267,6 +268,10 @@ class Run:
         self.lengths = plan.epoch_lengths(self.total_steps, self.spe)
         self.epochs = len(self.lengths)
         self.private = bool(p["private"])
+        # Clipped, noised DP gradients take a far larger step than raw ones (lr 1 with C=1 is
+        # common for DP-SGD and diverges without clipping): the baseline may use its own lr.
+        nonprivate_lr = t["lr_nonprivate"]
+        self.base_lr = float(t["lr"] if self.private or nonprivate_lr is None else nonprivate_lr)
         try:
             self.physical = plan.physical_batch_size(
                 p["expected_batch_size"], t["physical_batch_size"]
@@ -410,7 +415,7 @@ class Run:
             for i, positions in enumerate(batches):
                 step = (epoch - 1) * self.spe + i
                 lr = schedule.learning_rate(
-                    step, self.total_steps, float(t["lr"]), t["schedule"], self.warmup
+                    step, self.total_steps, self.base_lr, t["schedule"], self.warmup
                 )
                 b = len(positions)
                 if b == 0 and not self.private:
@@ -556,7 +561,7 @@ class Run:
             "skipped_empty_steps": timing["skipped_empty_steps"],
             "physical_batch_size": self.physical,
             "clip_norm": self.step_config.clip_norm,
-            "lr": float(self.training["lr"]),
+            "lr": self.base_lr,
             "momentum": self.step_config.momentum,
             "schedule": self.training["schedule"],
             "warmup_steps": self.warmup,
