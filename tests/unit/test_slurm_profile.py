@@ -1,4 +1,4 @@
-"""The SLURM profile gives every registered backend's training rule a GPU, without a list to edit."""
+"""The SLURM profile gives every registered backend's training rule a GPU, with no list to edit."""
 
 from __future__ import annotations
 
