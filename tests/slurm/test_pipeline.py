@@ -16,6 +16,7 @@ import pandas as pd
 import pytest
 import yaml
 
+from dpscale.resources import train_minutes
 from tests.slurm.conftest import (
     PROJECT,
     cancel_jobs_of,
@@ -53,12 +54,14 @@ JOB_CPUS = 1
 
 def small_default() -> dict:
     """config/config.yaml, smaller to keep CI time down: fewer levels and epochs, fewer images
-    per class, a narrower model. Same splits, backends and rules."""
+    per class, a narrower model, two backends (the cluster is the subject here, the backends are
+    the conformance suite's). Same splits and rules."""
     cfg = yaml.safe_load((PROJECT / "config/config.yaml").read_text())
     cfg["privacy"]["levels"] = ["none", "eps8"]
     cfg["training"].update(epochs=2, batch_size=32, physical_batch_size=48)
     cfg["splits"].update(train_per_class=40, holdout_per_class=10, test_per_class=10)
     cfg["model"]["width"] = 8
+    cfg["backends"] = ["reference", "opacus"]
     return cfg
 
 
@@ -110,11 +113,21 @@ def test_default_runs_on_slurm_with_every_job_completed(cluster_run):
 
 
 def test_training_jobs_got_a_gpu_and_data_jobs_none(cluster_run):
-    _, _, out = cluster_run
+    _, cfg, out = cluster_run
     jobs = dict(submissions(out))
     tres = sacct_field(list(jobs), "AllocTRES")
+    limits = sacct_field(list(jobs), "TimelimitRaw")  # minutes
+    # The training time limit follows the experiment's size (first attempt).
+    train_limit = train_minutes(
+        n_train=cfg["splits"]["classes"] * cfg["splits"]["train_per_class"],
+        epochs=cfg["training"]["epochs"],
+        resolution=cfg["dataset"]["resolution"],
+        width=cfg["model"]["width"],
+    )
     for job, rule in jobs.items():
         assert ("gres/gpu=1" in tres[job]) == rule.startswith("train_"), (rule, tres[job])
+        if rule.startswith("train_"):
+            assert int(limits[job]) == train_limit, (rule, limits[job])
 
 
 def test_cancelled_training_job_resumes_from_its_checkpoint(cluster_run, slurm_cluster):

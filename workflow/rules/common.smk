@@ -5,6 +5,7 @@ from pathlib import Path
 from dpscale import backends as dp_backends
 from dpscale import config as dp_config
 from dpscale import envs as dp_envs
+from dpscale import resources as dp_resources
 from dpscale.workflow import run_step
 
 try:
@@ -100,4 +101,18 @@ def train_args(wildcards, input, output, params):
         seed=wildcards.seed,
         out_dir=Path(output.metrics).parent,
         checkpoint_dir=params.checkpoint,
+    )
+
+
+def train_runtime(wildcards, attempt):
+    """SLURM time limit (minutes) of a training job, from the experiment's size; ignored locally."""
+    classes = config["splits"]["classes"]
+    n_classes = classes if isinstance(classes, int) else len(classes)
+    return dp_resources.train_minutes(
+        n_train=n_classes * config["splits"]["train_per_class"],  # balanced: the largest split
+        epochs=config["training"]["epochs"],
+        resolution=DATASET["resolution"],
+        width=config["model"]["width"],
+        stem=config["model"]["stem"],
+        attempt=attempt,
     )

@@ -15,6 +15,8 @@ rule train:
     wildcard_constraints:
         backend="template",
     threads: 4
+    resources:
+        runtime=train_runtime,
     params:
         python=lambda w: env_python(w.backend),
         checkpoint=checkpoint_dir,
