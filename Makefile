@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 CORES ?= all
 
-.PHONY: run test test-slurm-pipeline envs lint format clean
+.PHONY: run test envs lint format clean
 
 EXP := $(shell sed -n 's/^experiment: *//p' config/config.yaml)
 
@@ -13,13 +13,9 @@ run: $(BIN)/.installed
 	$(BIN)/snakemake --cores $(CORES) --report results/$(EXP)/report.html
 	@echo "dpscale: report at $(CURDIR)/results/$(EXP)/report.html"
 
-# The full SLURM pipeline tests (tests/slurm/test_pipeline.py) have not yet passed once end to
-# end; they run with `make test-slurm-pipeline` until they have, then join `make test`.
+# Everything, the local SLURM cluster's tests included (tests/slurm starts it as root).
 test: $(BIN)/.installed envs
-	$(BIN)/python -m pytest --ignore=tests/slurm/test_pipeline.py
-
-test-slurm-pipeline: $(BIN)/.installed envs
-	$(BIN)/python -m pytest tests/slurm/test_pipeline.py
+	$(BIN)/python -m pytest
 
 # Per-backend venvs, built by the pipeline's own rule (the same one `make run` uses).
 envs: $(BIN)/.installed
