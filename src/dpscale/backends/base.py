@@ -104,7 +104,9 @@ class Adapter(abc.ABC):
         """Weights and optimizer state, to the file `path`."""
 
     @abc.abstractmethod
-    def load_checkpoint(self, path: Path) -> None: ...
+    def load_checkpoint(self, path: Path) -> None:
+        """Restore what `save_checkpoint` wrote; called after `setup_training`, so the optimizer
+        state it restores into exists."""
 
     # -- reporting (optional) ---------------------------------------------------------------
     def backend_epsilon(self, sample_rate: float, steps: int, delta: float) -> dict | None:
