@@ -141,3 +141,17 @@ def check_weights(weights: dict[str, np.ndarray], shapes: dict[str, tuple]) -> N
     for n, shape in shapes.items():
         if tuple(np.shape(weights[n])) != tuple(shape):
             raise ValueError(f"weight {n} has shape {np.shape(weights[n])}; expected {shape}")
+
+
+def device_name(jax_module) -> str:
+    d = jax_module.devices()[0]
+    return f"{d.platform}:{d.device_kind}"
+
+
+def peak_memory_bytes(jax_module) -> int | None:
+    """Peak device memory in bytes; None where the device does not track it (CPU)."""
+    try:
+        stats = jax_module.devices()[0].memory_stats()  # None on CPU
+    except (AttributeError, NotImplementedError, RuntimeError):
+        return None
+    return int(stats["peak_bytes_in_use"]) if stats and "peak_bytes_in_use" in stats else None

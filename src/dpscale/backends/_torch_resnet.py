@@ -178,3 +178,22 @@ def atomic_save(obj, path: Path) -> None:
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+class TorchModel:
+    """The model half of the Adapter contract for a torch adapter holding `model` on `_device`."""
+
+    model: nn.Module
+    _device: torch.device
+
+    def num_params(self) -> int:
+        return sum(p.numel() for p in self.model.parameters())
+
+    def get_weights(self) -> dict[str, np.ndarray]:
+        return export_canonical(self.model)
+
+    def set_weights(self, weights: dict[str, np.ndarray]) -> None:
+        load_canonical(self.model, weights)
+
+    def predict(self, x: np.ndarray) -> np.ndarray:
+        return predict(self.model, x, self._device)

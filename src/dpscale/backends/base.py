@@ -50,6 +50,15 @@ class StepConfig:
     momentum: float
     physical_batch_size: int  # the fixed chunk size P the adapter compiles for
 
+    def __post_init__(self) -> None:
+        if self.private and (self.clip_norm <= 0 or self.expected_batch_size <= 0):
+            raise ValueError(
+                f"DP step needs clip_norm > 0 and expected_batch_size > 0; got "
+                f"{self.clip_norm} and {self.expected_batch_size}"
+            )
+        if self.private and self.noise_multiplier < 0:
+            raise ValueError(f"noise_multiplier={self.noise_multiplier}; expected >= 0")
+
 
 class Adapter(abc.ABC):
     """One framework's side of the contract. Subclass as `Adapter` in dpscale.backends.<name>."""

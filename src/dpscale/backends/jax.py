@@ -240,13 +240,6 @@ class Adapter(BaseAdapter):
 
     # -- training ---------------------------------------------------------------------------
     def setup_training(self, step: StepConfig) -> None:
-        if step.private and (step.clip_norm <= 0 or step.expected_batch_size <= 0):
-            raise ValueError(
-                f"DP step needs clip_norm > 0 and expected_batch_size > 0; got "
-                f"{step.clip_norm} and {step.expected_batch_size}"
-            )
-        if step.private and step.noise_multiplier < 0:
-            raise ValueError(f"noise_multiplier={step.noise_multiplier}; expected >= 0")
         self._step = step
         self._opt_state = self._tx.init(self.params)
         if self._pending_momentum is not None:  # a checkpoint loaded before setup
@@ -330,15 +323,10 @@ class Adapter(BaseAdapter):
 
     # -- reporting --------------------------------------------------------------------------
     def device(self) -> str:
-        d = jax.devices()[0]
-        return f"{d.platform}:{d.device_kind}"
+        return jc.device_name(jax)
 
     def peak_memory_bytes(self) -> int | None:
-        try:
-            stats = jax.devices()[0].memory_stats()  # None on CPU
-        except (AttributeError, NotImplementedError, RuntimeError):
-            return None
-        return int(stats["peak_bytes_in_use"]) if stats and "peak_bytes_in_use" in stats else None
+        return jc.peak_memory_bytes(jax)
 
     def versions(self) -> dict[str, str]:
         import jaxlib

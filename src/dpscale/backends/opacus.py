@@ -44,7 +44,7 @@ warnings.filterwarnings("ignore", message=r"Secure RNG turned off")
 warnings.filterwarnings("ignore", message=r"Full backward hook is firing when gradients")
 
 
-class Adapter(BaseAdapter):
+class Adapter(tr.TorchModel, BaseAdapter):
     def __init__(self, spec: ResNetSpec, options: dict, seed: int, threads: int) -> None:
         super().__init__(spec, options, seed, threads)
         unknown = sorted(set(self.options) - KNOWN_OPTIONS)
@@ -70,19 +70,6 @@ class Adapter(BaseAdapter):
         self._sgd: torch.optim.SGD | None = None
         self._dp: DPOptimizer | None = None
         self._pending_momentum: dict[str, torch.Tensor] | None = None
-
-    # -- model ------------------------------------------------------------------------------
-    def num_params(self) -> int:
-        return sum(p.numel() for p in self.model.parameters())
-
-    def get_weights(self) -> dict[str, np.ndarray]:
-        return tr.export_canonical(self.model)
-
-    def set_weights(self, weights: dict[str, np.ndarray]) -> None:
-        tr.load_canonical(self.model, weights)
-
-    def predict(self, x: np.ndarray) -> np.ndarray:
-        return tr.predict(self.model, x, self._device)
 
     # -- Opacus machinery -------------------------------------------------------------------
     @property
@@ -192,13 +179,6 @@ class Adapter(BaseAdapter):
 
     # -- training ---------------------------------------------------------------------------
     def setup_training(self, step: StepConfig) -> None:
-        if step.private and (step.clip_norm <= 0 or step.expected_batch_size <= 0):
-            raise ValueError(
-                f"DP step needs clip_norm > 0 and expected_batch_size > 0; got "
-                f"{step.clip_norm} and {step.expected_batch_size}"
-            )
-        if step.private and step.noise_multiplier < 0:
-            raise ValueError(f"noise_multiplier={step.noise_multiplier}; expected >= 0")
         self._step = step
         self._sgd = torch.optim.SGD(self.model.parameters(), lr=0.0, momentum=step.momentum)
         self._dp = None

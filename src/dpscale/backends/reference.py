@@ -39,7 +39,7 @@ def per_example_norms(grads: dict[str, torch.Tensor]) -> torch.Tensor:
     return torch.stack(sq, 1).sum(1).sqrt()
 
 
-class Adapter(BaseAdapter):
+class Adapter(tr.TorchModel, BaseAdapter):
     mode = "reference-torch.func"
 
     def __init__(self, spec: ResNetSpec, options: dict, seed: int, threads: int) -> None:
@@ -68,18 +68,6 @@ class Adapter(BaseAdapter):
     # -- model ------------------------------------------------------------------------------
     def _params(self) -> dict[str, torch.Tensor]:
         return {n: p.detach() for n, p in self.model.named_parameters()}
-
-    def num_params(self) -> int:
-        return sum(p.numel() for p in self.model.parameters())
-
-    def get_weights(self) -> dict[str, np.ndarray]:
-        return tr.export_canonical(self.model)
-
-    def set_weights(self, weights: dict[str, np.ndarray]) -> None:
-        tr.load_canonical(self.model, weights)
-
-    def predict(self, x: np.ndarray) -> np.ndarray:
-        return tr.predict(self.model, x, self._device)
 
     # -- the math ---------------------------------------------------------------------------
     def _loss_one(self, params, x, y):
@@ -120,13 +108,6 @@ class Adapter(BaseAdapter):
 
     # -- training ---------------------------------------------------------------------------
     def setup_training(self, step: StepConfig) -> None:
-        if step.private and (step.clip_norm <= 0 or step.expected_batch_size <= 0):
-            raise ValueError(
-                f"DP step needs clip_norm > 0 and expected_batch_size > 0; got "
-                f"{step.clip_norm} and {step.expected_batch_size}"
-            )
-        if step.private and step.noise_multiplier < 0:
-            raise ValueError(f"noise_multiplier={step.noise_multiplier}; expected >= 0")
         self._step = step
         if not self._momentum_from_checkpoint:
             self._momentum = self._zeros()

@@ -439,13 +439,6 @@ class Adapter(BaseAdapter):
         return tf.constant(x), tf.constant(y), tf.constant(mask.astype(np.float32)), int(mask.sum())
 
     def setup_training(self, step: StepConfig) -> None:
-        if step.private and (step.clip_norm <= 0 or step.expected_batch_size <= 0):
-            raise ValueError(
-                f"DP step needs clip_norm > 0 and expected_batch_size > 0; got "
-                f"{step.clip_norm} and {step.expected_batch_size}"
-            )
-        if step.private and step.noise_multiplier < 0:
-            raise ValueError(f"noise_multiplier={step.noise_multiplier}; expected >= 0")
         eng = self._take()
         self._step = step
         if not self._momentum_from_checkpoint:
