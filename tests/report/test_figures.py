@@ -169,9 +169,12 @@ def test_confusion_matrix_counts_the_test_set(pipeline):
 
 def test_workflow_wrote_every_figure(pipeline):
     files = sorted((pipeline.results / "figures").rglob("*.svg"))
+    cfg = pipeline.cfg
+    splits, backends = len(cfg["splits"]["profiles"]), len(cfg["backends"])
+    levels = len(cfg["privacy"]["levels"])
     # 2 accuracy, 2 runtime, audit; per split: training, roc, disparate; per split and backend:
     # histograms; per split, backend and level: confusion.
-    assert len(files) == 5 + 2 * (3 + 2 + 2 * 2)
+    assert len(files) == 5 + splits * (3 + backends + backends * levels)
     for svg in files:
         _assert_image(svg, svg.with_suffix(".png"))
     log = (pipeline.results / "logs/figures/accuracy_vs_epsilon.log").read_text()
