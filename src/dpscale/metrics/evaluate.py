@@ -12,9 +12,7 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
-import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -25,7 +23,7 @@ from dpscale.metrics.classification import (
     per_example_loss,
 )
 from dpscale.metrics.membership import ALPHA, membership_report
-from dpscale.runner.outputs import _json_safe
+from dpscale.runner.outputs import json_safe, write_json
 
 PARTS = ("train", "holdout", "test")
 
@@ -135,20 +133,6 @@ def check_audit(evaluation: dict) -> None:
         )
 
 
-def write_json_atomic(path: str | Path, obj) -> None:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w") as f:
-            json.dump(_json_safe(obj), f, indent=1, allow_nan=False)
-            f.write("\n")
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def _summary_line(ev: dict) -> str:
     t, mia = ev["test"], ev["membership"]
 
@@ -192,9 +176,9 @@ def main(argv=None) -> None:
         check_audit(evaluation)
     except EvaluationError as err:
         if "evaluation" in locals():
-            print(json.dumps(_json_safe(evaluation), indent=1), flush=True)
+            print(json.dumps(json_safe(evaluation), indent=1), flush=True)
         sys.exit(f"dpscale.metrics.evaluate: {err}")
-    write_json_atomic(args.out, evaluation)
+    write_json(Path(args.out), evaluation)
     print(f"wrote {args.out}", flush=True)
 
 

@@ -138,7 +138,10 @@ def n_train_of(split_path: str | Path) -> int:
 
 
 def write_json_atomic(path: str | Path, obj) -> None:
-    """Write JSON next to its destination, then rename: readers never see half a file."""
+    """Write JSON next to its destination, then rename: readers never see half a file.
+
+    Strict, unlike dpscale.runner.outputs.write_json (NaN/inf -> null): a non-finite number in a
+    privacy record is a bug to stop at, never an epsilon to read as missing."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")

@@ -43,21 +43,21 @@ def _atomic_write(path: Path, write) -> None:
         raise
 
 
-def _json_safe(value):
+def json_safe(value):
     """NaN/inf are not JSON: write them as null (json.dumps would emit invalid NaN tokens)."""
     if isinstance(value, float) and not math.isfinite(value):
         return None
     if isinstance(value, dict):
-        return {k: _json_safe(v) for k, v in value.items()}
+        return {k: json_safe(v) for k, v in value.items()}
     if isinstance(value, list | tuple):
-        return [_json_safe(v) for v in value]
+        return [json_safe(v) for v in value]
     if isinstance(value, np.generic):
-        return _json_safe(value.item())
+        return json_safe(value.item())
     return value
 
 
 def write_json(path: Path, obj) -> None:
-    text = json.dumps(_json_safe(obj), indent=2, sort_keys=False, allow_nan=False) + "\n"
+    text = json.dumps(json_safe(obj), indent=2, sort_keys=False, allow_nan=False) + "\n"
     _atomic_write(path, lambda f: f.write(text.encode()))
 
 
