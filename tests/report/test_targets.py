@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dpscale.plots.targets import FigureGrid, run_dirs
 
-RUN = "results/x/runs/{split}/{backend}/{level}/seed{seed}"
+RUN = "results/x/runs/{split}/{backend}/{level}/{variant}/seed{seed}"
 
 
 def grid(levels, seeds=(0,)):
@@ -42,9 +42,34 @@ def test_runs_narrow_by_split_backend_level():
     g = grid(["none", "eps8"], seeds=(0, 1))
     assert len(g.runs()) == 2 * 2 * 2 * 2
     assert g.runs(split="lt", backend="opacus", level="eps8") == [
-        "results/x/runs/lt/opacus/eps8/seed0",
-        "results/x/runs/lt/opacus/eps8/seed1",
+        "results/x/runs/lt/opacus/eps8/default/seed0",
+        "results/x/runs/lt/opacus/eps8/default/seed1",
     ]
     files = g.run_files("history.csv", split="bal")
     assert len(files) == 8 and all(f.endswith("/history.csv") for f in files)
     assert run_dirs(files) == g.runs(split="bal")
+
+
+def test_variants_multiply_runs_and_confusion_figures_only():
+    g = FigureGrid(RUN, "results/x/figures", ["bal"], ["reference"], ["eps8"], (0,), ["k1", "k4"])
+    assert g.runs() == [
+        "results/x/runs/bal/reference/eps8/k1/seed0",
+        "results/x/runs/bal/reference/eps8/k4/seed0",
+    ]
+    assert g.runs(variant="k4") == ["results/x/runs/bal/reference/eps8/k4/seed0"]
+    names = g.names()
+    assert {"confusion/bal/reference/eps8/k1", "confusion/bal/reference/eps8/k4"} <= set(names)
+    assert names.count("training/bal") == 1  # one figure, the variants inside it
+
+
+def test_families_narrow_the_figures():
+    g = FigureGrid(
+        RUN,
+        "results/x/figures",
+        ["bal"],
+        ["reference"],
+        ["none", "eps8"],
+        (0,),
+        families=["accuracy", "disparate"],
+    )
+    assert g.names() == ["accuracy_vs_epsilon", "disparate_impact/bal"]

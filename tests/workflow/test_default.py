@@ -59,13 +59,13 @@ def test_summary_has_one_row_per_run(demo):
 
 def test_every_run_has_the_four_outputs(demo):
     workdir, cfg, _ = demo
-    runs = sorted((workdir / "results" / cfg["experiment"] / "runs").glob("*/*/*/seed*"))
+    runs = sorted((workdir / "results" / cfg["experiment"] / "runs").glob("*/*/*/*/seed*"))
     assert runs
     for run in runs:
         for name in ("metrics.json", "history.csv", "predictions.npz", "weights.npz"):
             assert (run / name).stat().st_size > 0, run / name
         metrics = json.loads((run / "metrics.json").read_text())
-        assert metrics["backend"] == run.parts[-3]
+        assert metrics["backend"] == run.parts[-4] and metrics["variant"] == run.parts[-2]
 
 
 def test_rerun_recomputes_nothing(demo):
