@@ -73,12 +73,3 @@ def test_rerun_recomputes_nothing(demo):
     proc = snakemake(workdir, "--cores", "2", "--configfile", str(workdir / "config.yaml"), "-n")
     assert proc.returncode == 0
     assert "Nothing to be done" in proc.stdout + proc.stderr
-
-
-@pytest.mark.parametrize(
-    "configfile", sorted((PROJECT / "config/experiments").glob("*.yaml")), ids=lambda p: p.stem
-)
-def test_experiment_configs_plan_their_jobs(tmp_path, configfile):
-    proc = snakemake(tmp_path, "-n", "--configfile", str(configfile), timeout=300)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    assert "train_" in proc.stdout
