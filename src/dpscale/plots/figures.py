@@ -7,6 +7,7 @@ and PNG for the README. Every epsilon on a figure names its accountant, delta an
 from __future__ import annotations
 
 import os
+import re
 from pathlib import Path
 
 import matplotlib
@@ -82,6 +83,11 @@ def _privacy_order(table: pd.DataFrame) -> list[str]:
     return list(pairs.sort_values("level", key=lambda s: s.map(level_order))["privacy"].unique())
 
 
+def _natural(name) -> list:
+    """k4 before k16: digit runs compare as numbers."""
+    return [int(p) if p.isdigit() else p for p in re.split(r"(\d+)", str(name))]
+
+
 def _wrap(table: pd.DataFrame, width: int = 4) -> int | None:
     """Panels per row when there are more privacy labels (levels x variants) than fit in one."""
     return width if table["privacy"].nunique() > width else None
@@ -92,7 +98,7 @@ def _level_labels(table: pd.DataFrame) -> tuple[pd.Series, list[str]]:
     variant = table["variant"] if "variant" in table else pd.Series(None, index=table.index)
     pairs = sorted(
         {(str(v), lv) for v, lv in zip(variant, table["level"], strict=True)},
-        key=lambda p: (level_order(p[1]), p[0]),
+        key=lambda p: (level_order(p[1]), _natural(p[0])),
     )
 
     def label(v, lv):
@@ -135,7 +141,9 @@ def accuracy_vs_epsilon(summary: pd.DataFrame, metric: str = "test_accuracy") ->
     private = table[table["level"] != "none"].dropna(subset=["epsilon"])
     # Several variants (batch sizes, simulations): one line per backend and variant, told
     # apart by marker and dash, so different settings are never averaged into one point.
-    variants = sorted(table["variant"].dropna().unique()) if "variant" in table else []
+    variants = (
+        sorted(table["variant"].dropna().unique(), key=_natural) if "variant" in table else []
+    )
     by_variant = len(variants) > 1
     markers = dict(zip(variants, "osD^v<>pPX*h", strict=False))
     for ax, split in zip(axes[0], splits, strict=True):
@@ -219,7 +227,7 @@ def training_curves(history: pd.DataFrame) -> plt.Figure:
 def seconds_per_epoch(summary: pd.DataFrame) -> plt.Figure:
     """Training wall time per epoch (steady state) per backend, bars by privacy level."""
     _require(summary, ["split", "backend", "level", "seconds_per_epoch"], "summary")
-    table = _with_backend_labels(summary)
+    table = _with_backend_labels(summary).copy()  # one block: the columns below are added
     # A level, not a realised epsilon: splits differ in epsilon for one target.
     table["privacy"], order = _level_labels(table)
     grid = sns.catplot(
