@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
-from dpscale.plots.targets import FigureGrid, run_dirs
+import yaml
+
+from dpscale.plots.__main__ import RUN_FIGURES, SUMMARY_FIGURES
+from dpscale.plots.targets import FAMILIES, FigureGrid, run_dirs
+from tests.conftest import PROJECT
 
 RUN = "results/x/runs/{split}/{backend}/{level}/{variant}/seed{seed}"
 
@@ -73,3 +77,10 @@ def test_families_narrow_the_figures():
         families=["accuracy", "disparate"],
     )
     assert g.names() == ["accuracy_vs_epsilon", "disparate_impact/bal"]
+
+
+def test_the_schema_offers_exactly_the_figure_families():
+    schema = yaml.safe_load((PROJECT / "workflow/schemas/config.schema.yaml").read_text())
+    figures = schema["properties"]["figures"]
+    assert figures["items"]["enum"] == list(FAMILIES) == figures["default"]
+    assert set(FAMILIES) == set(SUMMARY_FIGURES + RUN_FIGURES)
