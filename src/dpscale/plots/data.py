@@ -368,7 +368,7 @@ def step_time_ratios(summary: pd.DataFrame) -> pd.DataFrame:
     keys = ["split", "backend", "mode", "seed"] + (["variant"] if "variant" in summary else [])
     base = summary.loc[summary["level"] == "none", [*keys, "step_time_steady_s"]]
     private = summary[summary["level"] != "none"]
-    ratio = private.merge(base, on=keys, suffixes=("", "_nonprivate"))
+    ratio = private.merge(base, on=keys, suffixes=("", "_nonprivate")).copy()  # one block
     if ratio.empty:
         raise PlotDataError(
             "step-time ratio needs non-private (level none) and private runs of the same "
