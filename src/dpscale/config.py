@@ -77,19 +77,88 @@ def _explain(error) -> str:
     return f"{key}: {error.message}"
 
 
+def deep_merge(base: dict[str, Any], override: dict[str, Any]) -> dict[str, Any]:
+    """`base` with `override` merged in: dicts key by key (recursively), anything else replaced."""
+    out = copy.deepcopy(dict(base))
+    for key, value in override.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = deep_merge(out[key], value)
+        else:
+            out[key] = copy.deepcopy(value)
+    return out
+
+
+def apply_scale(config: dict[str, Any]) -> dict[str, Any]:
+    """The config with the overrides of its selected `scale` (from `scales`) deep-merged in.
+
+    A config without `scale` is returned as written; `--config scale=smoke` selects one.
+    """
+    scale = config.get("scale")
+    scales = config.get("scales") or {}
+    if scale is None:
+        return copy.deepcopy(dict(config))
+    if not isinstance(scales, dict) or scale not in scales:
+        known = ", ".join(sorted(scales)) if isinstance(scales, dict) and scales else "none"
+        _fail("scale", f"{scale!r} is not defined in scales; expected one of: {known}")
+    override = scales[scale] or {}
+    if not isinstance(override, dict):
+        _fail(f"scales.{scale}", "expected a mapping of config keys to override")
+    for key in ("scale", "scales"):
+        if key in override:
+            _fail(f"scales.{scale}.{key}", "a scale cannot select or define scales")
+    return deep_merge(config, override)
+
+
 def validate(config: dict[str, Any], schema_path: str | Path) -> dict[str, Any]:
-    """Return a deep copy of `config` with defaults filled in, or raise ConfigError."""
+    """Return a deep copy of `config` (its scale applied) with defaults filled, or raise."""
     import jsonschema
     import yaml
 
     schema = yaml.safe_load(Path(schema_path).read_text())
-    config = copy.deepcopy(dict(config))
+    config = apply_scale(config)
     validator = _with_defaults(jsonschema.validators.validator_for(schema))(schema)
     errors = sorted(validator.iter_errors(config), key=lambda e: (len(e.absolute_path), e.path))
     if errors:
         raise ConfigError(f"config error: {_explain(errors[0])}")
     _check_semantics(config)
+    # Each variant is the config with its overrides: it must pass the same checks, and a
+    # failure names the variant's key (variants.<name>.training.batch_size: ...).
+    for name, resolved in variant_configs(config).items():
+        candidate = {**config, **{k: resolved[k] for k in ("training", "model")}}
+        candidate["variants"] = {"default": {}}
+        try:
+            errors = sorted(validator.iter_errors(candidate), key=lambda e: len(e.absolute_path))
+            if errors:
+                raise ConfigError(f"config error: {_explain(errors[0])}")
+            _check_semantics(candidate)
+            _check_simulation(resolved)
+        except ConfigError as err:
+            where = str(err).removeprefix("config error: ")
+            raise ConfigError(f"config error: variants.{name}.{where}") from None
     return config
+
+
+def variant_configs(config: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    """Each variant's effective `training` and `model` (the config's, overrides merged in)."""
+    out = {}
+    for name, variant in (config.get("variants") or {"default": {}}).items():
+        variant = variant or {}
+        out[name] = {
+            "training": deep_merge(config.get("training") or {}, variant.get("training") or {}),
+            "model": deep_merge(config.get("model") or {}, variant.get("model") or {}),
+            "simulate_batch_size": variant.get("simulate_batch_size"),
+        }
+    return out
+
+
+def _check_simulation(resolved: dict[str, Any]) -> None:
+    large = resolved["simulate_batch_size"]
+    batch = resolved["training"]["batch_size"]
+    if large is not None and not large > batch:
+        raise ConfigError(
+            f"config error: simulate_batch_size: {large} is not above training.batch_size "
+            f"{batch}; expected the larger batch B0 that this smaller-batch run simulates"
+        )
 
 
 def _fail(key: str, message: str):

@@ -74,7 +74,7 @@ class Pipeline:
         )
 
     def runs(self) -> list[Path]:
-        return sorted(self.results.glob("runs/*/*/*/seed*"))
+        return sorted(self.results.glob("runs/*/*/*/*/seed*"))
 
 
 @pytest.fixture(scope="session")

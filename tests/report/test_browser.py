@@ -60,7 +60,7 @@ FIGURES = (
      "Membership inference, opacus on split longtail", ["train vs holdout loss", "opacus"]),
     ("Membership inference", "membership/epsilon_audit.svg",
      "Empirical ε lower bound against the accounted ε", ["empirical vs accounted epsilon"]),
-    ("Confusion matrices", "confusion/balanced/reference/eps8.svg",
+    ("Confusion matrices", "confusion/balanced/reference/eps8/default.svg",
      "Confusion matrix of reference on split balanced", ["reference", "≤ 8 (target)"]),
 )  # fmt: skip
 

@@ -31,7 +31,7 @@ def _texts(fig) -> str:
 def _runs(pipeline, **match) -> list[str]:
     out = []
     for run in pipeline.runs():
-        split, backend, level = run.parts[-4:-1]
+        split, backend, level = run.parts[-5:-2]  # .../<split>/<backend>/<level>/<variant>/seed<k>
         keys = {"split": split, "backend": backend, "level": level}
         if all(keys[k] == v for k, v in match.items()):
             out.append(str(run))

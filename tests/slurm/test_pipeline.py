@@ -82,8 +82,12 @@ def cluster_run(slurm_cluster, tmp_path_factory):
     return workdir, cfg, done.stdout + done.stderr
 
 
-def run_path(workdir: Path, cfg: dict, split: str, backend: str, level: str, seed: int) -> Path:
-    return workdir / f"results/{cfg['experiment']}/runs/{split}/{backend}/{level}/seed{seed}"
+def run_path(
+    workdir: Path, cfg: dict, split: str, backend: str, level: str, seed: int, variant="default"
+) -> Path:
+    return (
+        workdir / f"results/{cfg['experiment']}/runs/{split}/{backend}/{level}/{variant}/seed{seed}"
+    )
 
 
 def test_default_runs_on_slurm_with_every_job_completed(cluster_run):
@@ -138,7 +142,7 @@ def test_cancelled_training_job_resumes_from_its_checkpoint(cluster_run, slurm_c
     shutil.copytree(run, unbroken)
     checkpoint = (
         workdir
-        / f"results/{cfg['experiment']}/checkpoints/{split}/{backend}/{level}/seed{seed}"
+        / f"results/{cfg['experiment']}/checkpoints/{split}/{backend}/{level}/default/seed{seed}"
         / "state.json"
     )
     assert not checkpoint.exists(), "a finished run leaves no checkpoint behind"

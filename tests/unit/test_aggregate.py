@@ -62,7 +62,7 @@ def _metrics(split, backend, level, seed, **extra):
 
 
 def _write_run(root: Path, metrics: dict, split, backend, level, seed) -> Path:
-    path = root / f"results/demo/runs/{split}/{backend}/{level}/seed{seed}/metrics.json"
+    path = root / f"results/demo/runs/{split}/{backend}/{level}/default/seed{seed}/metrics.json"
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(metrics))
     return path
@@ -149,7 +149,8 @@ def test_missing_keys_are_empty_cells_and_run_keys_come_from_the_path(tmp_path, 
     assert (jax["split"], jax["level"], jax["seed"]) == ("balanced", "sigma1.5", "3")
     assert jax["epsilon"] == "" and jax["step_time_steady_s"] == "" and jax["mode"] == ""
     assert jax["custom_metric"] == "3" and rows["reference"]["custom_metric"] == ""
-    assert jax["run_dir"].endswith("runs/balanced/jax/sigma1.5/seed3")
+    assert jax["run_dir"].endswith("runs/balanced/jax/sigma1.5/default/seed3")
+    assert jax["variant"] == "default"
 
 
 def test_nested_values_are_flattened_and_config_name_clashes_are_prefixed(tmp_path, config):
@@ -181,7 +182,7 @@ def test_flatten():
     ],
 )
 def test_unreadable_metrics_name_the_file(tmp_path, config, text, message):
-    path = tmp_path / "runs/balanced/reference/none/seed0/metrics.json"
+    path = tmp_path / "runs/balanced/reference/none/default/seed0/metrics.json"
     path.parent.mkdir(parents=True)
     path.write_text(text)
     with pytest.raises(agg.AggregateError, match=message) as err:
@@ -199,7 +200,7 @@ def test_step_writes_atomically_and_fails_in_one_line(tmp_path, runs, config):
     assert len(pd.read_csv(out)) == 12
     assert list(out.parent.iterdir()) == [out]
 
-    missing = tmp_path / "runs/x/y/none/seed0/metrics.json"
+    missing = tmp_path / "runs/x/y/none/default/seed0/metrics.json"
     cmd[4] = json.dumps([str(missing)])
     done = subprocess.run(cmd, capture_output=True, text=True)
     assert done.returncode != 0
@@ -232,7 +233,7 @@ def test_evaluation_scalars_join_their_run(tmp_path, runs, config):
 
 
 def test_evaluation_without_its_run_is_an_error(tmp_path, runs, config):
-    stray = tmp_path / "results/demo/runs/balanced/jax/none/seed0/evaluation.json"
+    stray = tmp_path / "results/demo/runs/balanced/jax/none/default/seed0/evaluation.json"
     stray.parent.mkdir(parents=True)
     stray.write_text("{}")
     with pytest.raises(agg.AggregateError, match="no metrics.json in that folder"):

@@ -113,3 +113,52 @@ def test_snakemake_stops_before_any_job_with_the_message(tmp_path, default_confi
     )
     assert "Job stats" not in proc.stdout + proc.stderr
     assert not (tmp_path / "results").exists()
+
+
+def _with_scales(cfg):
+    cfg = copy.deepcopy(cfg)
+    cfg["scales"] = {"smoke": {"training": {"epochs": 1}, "privacy": {"levels": ["eps2"]}}}
+    return cfg
+
+
+def test_a_scale_deep_merges_its_overrides_before_validation(default_config):
+    cfg = _with_scales(default_config)
+    as_written = dp_config.validate(cfg, SCHEMA)
+    assert as_written["training"]["epochs"] == default_config["training"]["epochs"]
+    smoke = dp_config.validate({**cfg, "scale": "smoke"}, SCHEMA)
+    assert smoke["training"]["epochs"] == 1 and smoke["privacy"]["levels"] == ["eps2"]
+    # Only the overridden keys change: the rest of training is the file's.
+    assert smoke["training"]["batch_size"] == default_config["training"]["batch_size"]
+
+
+def test_an_unknown_scale_is_one_line_naming_the_known_ones(default_config):
+    with pytest.raises(dp_config.ConfigError) as err:
+        dp_config.validate({**_with_scales(default_config), "scale": "huge"}, SCHEMA)
+    assert str(err.value) == (
+        "config error: scale: 'huge' is not defined in scales; expected one of: smoke"
+    )
+
+
+def test_variants_resolve_over_the_config_and_are_checked_as_it(default_config):
+    cfg = copy.deepcopy(default_config)
+    cfg["variants"] = {
+        "small": {},
+        "big": {"training": {"batch_size": 512, "epochs": 24}, "model": {"width": 32}},
+    }
+    resolved = dp_config.variant_configs(dp_config.validate(cfg, SCHEMA))
+    assert resolved["small"]["training"]["batch_size"] == default_config["training"]["batch_size"]
+    assert resolved["big"]["training"]["batch_size"] == 512
+    assert resolved["big"]["training"]["lr"] == default_config["training"]["lr"]
+    assert resolved["big"]["model"] == {**resolved["small"]["model"], "width": 32}
+
+    cfg["variants"]["big"]["training"]["batch_size"] = 0
+    with pytest.raises(dp_config.ConfigError, match=r"^config error: variants\.big\.training\."):
+        dp_config.validate(cfg, SCHEMA)
+    cfg["variants"]["big"] = {"model": {"groups": 7}}
+    with pytest.raises(dp_config.ConfigError, match=r"^config error: variants\.big\.model\.groups"):
+        dp_config.validate(cfg, SCHEMA)
+    cfg["variants"]["big"] = {"simulate_batch_size": 8}
+    with pytest.raises(
+        dp_config.ConfigError, match=r"variants\.big\.simulate_batch_size: 8 is not"
+    ):
+        dp_config.validate(cfg, SCHEMA)

@@ -304,3 +304,25 @@ def test_calibrate_step_fails_in_one_line(tmp_path):
         "dpscale.privacy.calibrate: config error: privacy.delta: 0.05 is not below "
         "1/n_train = 0.02 (n_train = 50); expected delta < 1/n_train"
     ]
+
+
+def test_large_batch_simulation_keeps_sigma_over_batch_and_the_large_runs_steps():
+    n, small, large, epochs, delta = 2000, 20, 200, 3, 1e-5
+    real = calibrate.privacy_plan("eps4", n, large, epochs, delta)
+    sim = calibrate.privacy_plan("eps4", n, small, epochs, delta, simulate_batch_size=large)
+    assert sim["steps"] == real["steps"] == 30
+    assert sim["sample_rate"] == small / n and sim["steps_per_epoch"] == 100
+    assert sim["epochs"] == pytest.approx(0.3)  # the large run's steps at the small q
+    assert sim["simulated_noise_multiplier"] == pytest.approx(real["noise_multiplier"])
+    assert sim["noise_multiplier"] / small == pytest.approx(real["noise_multiplier"] / large)
+    # The predicted run's epsilon is the large run's; this run's own guarantee is far weaker.
+    assert sim["simulated_epsilon"] == pytest.approx(real["epsilon"])
+    assert sim["epsilon"] == acc.epsilon_rdp(small / n, sim["noise_multiplier"], 30, delta)
+    assert sim["epsilon"] > 10 * real["epsilon"]
+    assert "not private at simulated_epsilon" in sim["epsilon_note"]
+    assert real["simulated_epsilon"] is None and real["epsilon_note"] is None
+
+
+def test_simulating_a_smaller_batch_is_a_config_error():
+    with pytest.raises(ConfigError, match="simulate_batch_size: 10 is not above"):
+        calibrate.privacy_plan("eps4", 1000, 20, 1, 1e-5, simulate_batch_size=10)

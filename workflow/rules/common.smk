@@ -21,15 +21,18 @@ SPLITS = list(config["splits"]["profiles"])
 LEVELS = config["privacy"]["levels"]
 SEEDS = config["seeds"]
 BACKENDS = config["backends"]
+# name -> effective training, model and simulate_batch_size (the config's, overrides merged in)
+VARIANTS = dp_config.variant_configs(config)
 
 # One run = one cell of the grid; its directory holds the four outputs of the backend contract.
-RUN = str(RESULTS / "runs/{split}/{backend}/{level}/seed{seed}")
+RUN = str(RESULTS / "runs/{split}/{backend}/{level}/{variant}/seed{seed}")
 RUN_OUTPUTS = ("metrics.json", "history.csv", "predictions.npz", "weights.npz")
 
 
 wildcard_constraints:
     split="|".join(SPLITS),
     level="none|eps[0-9.]+|sigma[0-9.]+",
+    variant="|".join(VARIANTS),
     seed=r"\d+",
 
 
@@ -41,8 +44,18 @@ def split_file(split="{split}"):
     return str(RESULTS / f"splits/{split}.npz")
 
 
-def privacy_file(split="{split}", level="{level}"):
-    return str(RESULTS / f"privacy/{split}/{level}.json")
+def privacy_file(split="{split}", level="{level}", variant="{variant}"):
+    return str(RESULTS / f"privacy/{split}/{variant}/{level}.json")
+
+
+def privacy_plan(variant):
+    """What a variant's accounting depends on: changing lr or the model keeps the plan."""
+    v = VARIANTS[variant]
+    return {
+        "batch_size": v["training"]["batch_size"],
+        "epochs": v["training"]["epochs"],
+        "simulate_batch_size": v["simulate_batch_size"],
+    }
 
 
 def env_ready(backend):
@@ -57,27 +70,37 @@ def env_python(backend):
     return str(dp_envs.env_prefix(backend) / "bin/python")
 
 
-def run_dir(split, backend, level, seed):
-    return RUN.format(split=split, backend=backend, level=level, seed=seed)
+def run_dir(split, backend, level, variant, seed):
+    return RUN.format(split=split, backend=backend, level=level, variant=variant, seed=seed)
 
 
 def checkpoint_dir(w):
     """Kept outside declared outputs so a killed or preempted job resumes from it."""
-    return str(RESULTS / f"checkpoints/{w.split}/{w.backend}/{w.level}/seed{w.seed}")
+    return str(RESULTS / f"checkpoints/{w.split}/{w.backend}/{w.level}/{w.variant}/seed{w.seed}")
 
 
 def all_runs():
     return [
-        run_dir(split, backend, level, seed)
+        run_dir(split, backend, level, variant, seed)
         for split in SPLITS
         for backend in BACKENDS
         for level in LEVELS
+        for variant in VARIANTS
         for seed in SEEDS
     ]
 
 
 def all_targets():
-    return [str(RESULTS / "summary.csv"), *figure_targets()]
+    return [str(RESULTS / "summary.csv"), *figure_targets(), *paper_targets()]
+
+
+def paper_targets():
+    """paper_comparison.csv when the config cites published numbers; simulation_check.csv when
+    a variant simulates a large batch."""
+    out = [str(RESULTS / "paper_comparison.csv")] if config["paper"] else []
+    if any(v["simulate_batch_size"] for v in VARIANTS.values()):
+        out.append(str(RESULTS / "simulation_check.csv"))
+    return out
 
 
 def train_inputs(w):
@@ -85,7 +108,7 @@ def train_inputs(w):
         "env": env_ready(w.backend),
         **data_files(),
         "split": split_file(w.split),
-        "privacy": privacy_file(w.split, w.level),
+        "privacy": privacy_file(w.split, w.level, w.variant),
     }
 
 
@@ -95,8 +118,8 @@ def train_args(wildcards, input, output, params):
         data_dir=Path(input["images.npy"]).parent,
         split=input.split,
         privacy=input.privacy,
-        model=config["model"],
-        training=config["training"],
+        model=VARIANTS[wildcards.variant]["model"],
+        training=VARIANTS[wildcards.variant]["training"],
         options=config["backend_options"].get(wildcards.backend, {}),
         seed=wildcards.seed,
         out_dir=Path(output.metrics).parent,

@@ -5,7 +5,9 @@
 from dpscale.plots.data import level_text
 from dpscale.plots.targets import FigureGrid, run_dirs
 
-FIG = FigureGrid(RUN, RESULTS / "figures", SPLITS, BACKENDS, LEVELS, SEEDS)
+FIG = FigureGrid(
+    RUN, RESULTS / "figures", SPLITS, BACKENDS, LEVELS, SEEDS, list(VARIANTS), config["figures"]
+)
 # What all_targets() (common.smk) adds: every figure of the experiment, SVG and PNG.
 figure_targets = FIG.targets
 
@@ -283,14 +285,14 @@ rule fig_confusion:
     input:
         split=split_file(),
         predictions=lambda w: FIG.run_files(
-            "predictions.npz", split=w.split, backend=w.backend, level=w.level
+            "predictions.npz", split=w.split, backend=w.backend, level=w.level, variant=w.variant
         ),
         metrics=lambda w: FIG.run_files(
-            "metrics.json", split=w.split, backend=w.backend, level=w.level
+            "metrics.json", split=w.split, backend=w.backend, level=w.level, variant=w.variant
         ),
     output:
         svg=report(
-            FIG.path("confusion/{split}/{backend}/{level}"),
+            FIG.path("confusion/{split}/{backend}/{level}/{variant}"),
             caption="../report/confusion.rst",
             category="Confusion matrices",
             # Per split, so that with two levels the report offers a DP / non-private toggle.
@@ -299,11 +301,12 @@ rule fig_confusion:
                 "backend": w.backend,
                 "split": w.split,
                 "epsilon": level_text(w.level),
+                "variant": w.variant,
             },
         ),
-        png=FIG.path("confusion/{split}/{backend}/{level}", "png"),
+        png=FIG.path("confusion/{split}/{backend}/{level}/{variant}", "png"),
     log:
-        str(RESULTS / "logs/figures/confusion/{split}/{backend}/{level}.log"),
+        str(RESULTS / "logs/figures/confusion/{split}/{backend}/{level}/{variant}.log"),
     wildcard_constraints:
         backend="|".join(BACKENDS),
     localrule: True

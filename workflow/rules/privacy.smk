@@ -1,5 +1,6 @@
 # Privacy stage: the one accountant turns each level (none / eps<target> / sigma<multiplier>)
-# into sigma, sample rate, steps and epsilon for one split (n_train is the split's).
+# into sigma, sample rate, steps and epsilon for one split (n_train is the split's) and one
+# variant (its batch size and epochs; a simulating variant's large batch, Sander et al. 2023).
 # Every backend trains with the numbers in this file; see dpscale.privacy.
 
 
@@ -9,12 +10,10 @@ rule calibrate:
     output:
         privacy_file(),
     log:
-        str(RESULTS / "logs/calibrate/{split}/{level}.log"),
+        str(RESULTS / "logs/calibrate/{split}/{variant}/{level}.log"),
     threads: 1
     params:
-        # Only what the accounting depends on: changing lr or the model keeps the plan.
-        batch_size=config["training"]["batch_size"],
-        epochs=config["training"]["epochs"],
+        plan=lambda w: privacy_plan(w.variant),
         delta=config["privacy"]["delta"],
         accountant=config["privacy"]["accountant"],
     run:
@@ -25,8 +24,8 @@ rule calibrate:
             threads,
             split=input.split,
             level=wildcards.level,
-            batch_size=params.batch_size,
-            epochs=params.epochs,
+            variant=wildcards.variant,
+            **params.plan,
             delta=params.delta,
             accountant=params.accountant,
             out=output[0],
@@ -36,4 +35,4 @@ rule calibrate:
 # Every privacy file of the experiment: `snakemake privacy`.
 rule privacy:
     input:
-        [privacy_file(s, level) for s in SPLITS for level in LEVELS],
+        [privacy_file(s, level, v) for s in SPLITS for level in LEVELS for v in VARIANTS],

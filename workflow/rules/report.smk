@@ -37,7 +37,7 @@ rule evaluate:
     output:
         f"{RUN}/evaluation.json",
     log:
-        str(RESULTS / "logs/evaluate/{split}/{backend}/{level}/seed{seed}.log"),
+        str(RESULTS / "logs/evaluate/{split}/{backend}/{level}/{variant}/seed{seed}.log"),
     threads: 1
     run:
         run_step(
@@ -50,4 +50,61 @@ rule evaluate:
             split=input.split,
             out=output[0],
             seed=wildcards.seed,
+        )
+
+
+# Published numbers beside ours (the config's `paper:` rows), with the scale we ran at.
+rule paper_comparison:
+    input:
+        summary=str(RESULTS / "summary.csv"),
+    output:
+        report(
+            str(RESULTS / "paper_comparison.csv"),
+            caption="../report/paper_comparison.rst",
+            category="Paper comparison",
+            labels={"table": "published vs ours"},
+        ),
+    log:
+        str(RESULTS / "logs/paper_comparison.log"),
+    localrule: True
+    threads: 1
+    params:
+        paper=config["paper"],
+        scale=config["scale"] or "",
+    run:
+        run_step(
+            "dpscale.report.paper",
+            log,
+            sys.executable,
+            threads,
+            summary=input.summary,
+            paper=params.paper,
+            scale=params.scale,
+            out=output[0],
+        )
+
+
+# Large-batch simulations (Sander et al. 2023) beside the real large-batch runs they predict.
+rule simulation_check:
+    input:
+        summary=str(RESULTS / "summary.csv"),
+    output:
+        report(
+            str(RESULTS / "simulation_check.csv"),
+            caption="../report/simulation_check.rst",
+            category="Paper comparison",
+            labels={"table": "simulated vs real large batch"},
+        ),
+    log:
+        str(RESULTS / "logs/simulation_check.log"),
+    localrule: True
+    threads: 1
+    run:
+        run_step(
+            "dpscale.report.paper",
+            log,
+            sys.executable,
+            threads,
+            summary=input.summary,
+            simulation_out=output[0],
         )

@@ -11,7 +11,7 @@ rule train:
         predictions=f"{RUN}/predictions.npz",
         weights=f"{RUN}/weights.npz",
     log:
-        str(RESULTS / "logs/train/{split}/{backend}/{level}/seed{seed}.log"),
+        str(RESULTS / "logs/train/{split}/{backend}/{level}/{variant}/seed{seed}.log"),
     wildcard_constraints:
         backend="template",
     threads: 4

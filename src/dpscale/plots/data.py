@@ -55,15 +55,26 @@ def level_text(level: str) -> str:
     return str(level)
 
 
-def privacy_label(level: str, epsilon) -> str:
-    """A run's legend entry: the realised epsilon, or non-private."""
+def with_variant(label: str, variant=None) -> str:
+    """'k64: ε=3.2': a label prefixed by its variant, unless the variant is the only default."""
+    if variant is None or _isnan(variant) or str(variant) == "default":
+        return label
+    return f"{variant}: {label}"
+
+
+def privacy_label(level: str, epsilon, variant=None) -> str:
+    """A run's legend entry: the realised epsilon, or non-private (after its variant's name)."""
     if level == "none" or epsilon is None or _isnan(epsilon):
-        return "non-private"
-    return f"ε={float(epsilon):.3g}"
+        return with_variant("non-private", variant)
+    return with_variant(f"ε={float(epsilon):.3g}", variant)
 
 
 def privacy_labels(table: pd.DataFrame) -> list[str]:
-    return [privacy_label(lv, e) for lv, e in zip(table["level"], table["epsilon"], strict=True)]
+    variants = table["variant"] if "variant" in table else [None] * len(table)
+    return [
+        privacy_label(lv, e, v)
+        for lv, e, v in zip(table["level"], table["epsilon"], variants, strict=True)
+    ]
 
 
 def accounting_text(rows: pd.DataFrame) -> str:
@@ -108,9 +119,11 @@ def read_metrics(run_dir: str | Path) -> dict:
 def run_keys(metrics: Mapping) -> dict:
     """The run keys plus the realised epsilon and its qualifiers, for every table's rows."""
     keys = {k: metrics.get(k) for k in RUN_KEYS}
+    # Runs from before variants existed are the one default variant.
+    keys["variant"] = metrics.get("variant") or "default"
     for k in ("epsilon", "accountant", "delta", "sampling"):
         keys[k] = metrics.get(k)
-    keys["privacy"] = privacy_label(keys["level"], keys["epsilon"])
+    keys["privacy"] = privacy_label(keys["level"], keys["epsilon"], keys["variant"])
     return keys
 
 
@@ -256,17 +269,19 @@ def membership_scores(run_dirs: Iterable[str | Path]) -> pd.DataFrame:
 
 
 def roc_table(scores: pd.DataFrame, max_fpr: float = 0.01) -> pd.DataFrame:
-    """ROC points of the loss-threshold attack per (split, backend, mode, level), seeds pooled.
+    """ROC points of the loss-threshold attack per (split, backend, mode, level, variant), seeds
+    pooled.
 
     Each row also carries the curve's AUC and TPR at `max_fpr` FPR for the legend.
     """
     frames = []
-    for keys, group in scores.groupby(["split", "backend", "mode", "level"], sort=False):
+    by = ["split", "backend", "mode", "level", "variant"]
+    for keys, group in scores.groupby(by, sort=False):
         member = -group.loc[group["member"] == MEMBER, "loss"].to_numpy()
         nonmember = -group.loc[group["member"] == NON_MEMBER, "loss"].to_numpy()
         fpr, tpr = roc_points(member, nonmember)
         frame = pd.DataFrame({"fpr": fpr, "tpr": tpr})
-        frame[["split", "backend", "mode", "level"]] = keys
+        frame[by] = keys
         frame["privacy"] = group["privacy"].iloc[0]
         frame["auc"] = auc(fpr, tpr)
         frame["tpr_at_fpr"] = tpr_at_fpr(fpr, tpr, max_fpr)
@@ -302,10 +317,12 @@ def per_class_table(run_dirs: Iterable[str | Path], split_file: str | Path) -> p
 def accuracy_drop(per_class: pd.DataFrame) -> pd.DataFrame:
     """Per class: non-private recall minus private recall (seeds averaged first).
 
-    One row per (split, backend, mode, private level, class); a positive drop means DP cost the
-    class accuracy. Needs the non-private runs of the same split/backend/mode.
+    One row per (split, backend, mode, variant, private level, class); a positive drop means DP
+    cost the class accuracy. Needs the non-private runs of the same split/backend/mode/variant.
     """
-    group = ["split", "backend", "mode", "class", "class_index", "train_count"]
+    group = ["split", "backend", "mode", "variant", "class", "class_index", "train_count"]
+    if "variant" not in per_class:  # tables built before variants: all one default variant
+        per_class = per_class.assign(variant="default")
     mean = (
         per_class.groupby([*group, "level"], as_index=False)
         .agg(recall=("recall", "mean"), epsilon=("epsilon", "mean"))
@@ -348,10 +365,10 @@ def step_time_ratios(summary: pd.DataFrame) -> pd.DataFrame:
     missing = sorted(need - set(summary.columns))
     if missing:
         raise PlotDataError(f"summary: missing columns {missing}")
-    keys = ["split", "backend", "mode", "seed"]
+    keys = ["split", "backend", "mode", "seed"] + (["variant"] if "variant" in summary else [])
     base = summary.loc[summary["level"] == "none", [*keys, "step_time_steady_s"]]
     private = summary[summary["level"] != "none"]
-    ratio = private.merge(base, on=keys, suffixes=("", "_nonprivate"))
+    ratio = private.merge(base, on=keys, suffixes=("", "_nonprivate")).copy()  # one block
     if ratio.empty:
         raise PlotDataError(
             "step-time ratio needs non-private (level none) and private runs of the same "

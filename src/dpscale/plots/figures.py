@@ -7,6 +7,7 @@ and PNG for the README. Every epsilon on a figure names its accountant, delta an
 from __future__ import annotations
 
 import os
+import re
 from pathlib import Path
 
 import matplotlib
@@ -25,6 +26,7 @@ from dpscale.plots.data import (  # noqa: E402
     PlotDataError,
     accounting_text,
     level_order,
+    with_variant,
 )
 
 # Fixed ids in the SVG and no dates in either file: the same data gives the same bytes.
@@ -81,6 +83,31 @@ def _privacy_order(table: pd.DataFrame) -> list[str]:
     return list(pairs.sort_values("level", key=lambda s: s.map(level_order))["privacy"].unique())
 
 
+def _natural(name) -> list:
+    """k4 before k16: digit runs compare as numbers."""
+    return [int(p) if p.isdigit() else p for p in re.split(r"(\d+)", str(name))]
+
+
+def _wrap(table: pd.DataFrame, width: int = 4) -> int | None:
+    """Panels per row when there are more privacy labels (levels x variants) than fit in one."""
+    return width if table["privacy"].nunique() > width else None
+
+
+def _level_labels(table: pd.DataFrame) -> tuple[pd.Series, list[str]]:
+    """A level's bar label ('non-private', 'eps8', after the variant if several) and order."""
+    variant = table["variant"] if "variant" in table else pd.Series(None, index=table.index)
+    pairs = sorted(
+        {(str(v), lv) for v, lv in zip(variant, table["level"], strict=True)},
+        key=lambda p: (level_order(p[1]), _natural(p[0])),
+    )
+
+    def label(v, lv):
+        return with_variant("non-private" if lv == "none" else lv, None if v == "None" else v)
+
+    labels = [label(str(v), lv) for v, lv in zip(variant, table["level"], strict=True)]
+    return pd.Series(labels, index=table.index), list(dict.fromkeys(label(*p) for p in pairs))
+
+
 def _split_title(split: str, table: pd.DataFrame) -> str:
     """'longtail (exp, ρ=10)' from the summary's split_kind / split_rho columns."""
     rows = table[table["split"] == split]
@@ -112,6 +139,13 @@ def accuracy_vs_epsilon(summary: pd.DataFrame, metric: str = "test_accuracy") ->
         1, len(splits), figsize=(4.2 * len(splits), 3.4), sharey=True, squeeze=False
     )
     private = table[table["level"] != "none"].dropna(subset=["epsilon"])
+    # Several variants (batch sizes, simulations): one line per backend and variant, told
+    # apart by marker and dash, so different settings are never averaged into one point.
+    variants = (
+        sorted(table["variant"].dropna().unique(), key=_natural) if "variant" in table else []
+    )
+    by_variant = len(variants) > 1
+    markers = dict(zip(variants, "osD^v<>pPX*h", strict=False))
     for ax, split in zip(axes[0], splits, strict=True):
         rows = private[private["split"] == split]
         if len(rows):
@@ -122,7 +156,11 @@ def accuracy_vs_epsilon(summary: pd.DataFrame, metric: str = "test_accuracy") ->
                 hue="backend",
                 hue_order=backends,
                 palette=colors,
-                marker="o",
+                style="variant" if by_variant else None,
+                style_order=variants if by_variant else None,
+                markers=markers if by_variant else True,
+                dashes=by_variant,
+                marker=None if by_variant else "o",
                 errorbar="sd",
                 ax=ax,
                 legend=False,
@@ -135,6 +173,11 @@ def accuracy_vs_epsilon(summary: pd.DataFrame, metric: str = "test_accuracy") ->
         ax.set_xlabel("ε (" + accounting_text(table) + ")" if len(private) else "ε")
         ax.set_ylabel(ACCURACY_METRICS[metric])
     handles = [plt.Line2D([], [], color=colors[b], marker="o", label=b) for b in backends]
+    if by_variant:
+        handles += [
+            plt.Line2D([], [], color="grey", marker=markers[v], linestyle="", label=f"variant {v}")
+            for v in variants
+        ]
     if (table["level"] == "none").any():
         handles.append(
             plt.Line2D([], [], color="grey", linestyle="--", label="non-private (ε = ∞)")
@@ -164,6 +207,7 @@ def training_curves(history: pd.DataFrame) -> plt.Figure:
         style_order=["train", "test"],
         col="privacy",
         col_order=_privacy_order(table),
+        col_wrap=_wrap(table),
         kind="line",
         marker="o",
         errorbar="sd",
@@ -183,17 +227,15 @@ def training_curves(history: pd.DataFrame) -> plt.Figure:
 def seconds_per_epoch(summary: pd.DataFrame) -> plt.Figure:
     """Training wall time per epoch (steady state) per backend, bars by privacy level."""
     _require(summary, ["split", "backend", "level", "seconds_per_epoch"], "summary")
-    table = _with_backend_labels(summary)
-    table["privacy"] = [
-        "non-private" if lv == "none" else lv for lv in table["level"]
-    ]  # a level, not a realised epsilon: splits differ in epsilon for one target
-    order = sorted(table["level"].unique(), key=level_order)
+    table = _with_backend_labels(summary).copy()  # one block: the columns below are added
+    # A level, not a realised epsilon: splits differ in epsilon for one target.
+    table["privacy"], order = _level_labels(table)
     grid = sns.catplot(
         data=table,
         x="backend",
         y="seconds_per_epoch",
         hue="privacy",
-        hue_order=["non-private" if lv == "none" else lv for lv in order],
+        hue_order=order,
         col="split",
         kind="bar",
         errorbar="sd",
@@ -210,7 +252,7 @@ def step_time_ratio(ratios: pd.DataFrame) -> plt.Figure:
     """Steady DP step time / non-private step time per backend (1 = DP is free)."""
     _require(ratios, ["split", "backend", "level", "ratio"], "step-time ratios")
     table = _with_backend_labels(ratios)
-    order = sorted(table["level"].unique(), key=level_order)
+    table["level"], order = _level_labels(table)
     grid = sns.catplot(
         data=table,
         x="backend",
@@ -285,6 +327,7 @@ def membership_histograms(scores: pd.DataFrame) -> plt.Figure:
         hue_order=[MEMBER, NON_MEMBER],
         col="privacy",
         col_order=_privacy_order(scores),
+        col_wrap=_wrap(scores),
         stat="density",
         common_norm=False,
         element="step",

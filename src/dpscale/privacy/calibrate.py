@@ -1,10 +1,16 @@
-"""`python -m dpscale.privacy.calibrate`: a privacy level -> privacy/<split>/<level>.json.
+"""`python -m dpscale.privacy.calibrate`: a level -> privacy/<split>/<variant>/<level>.json.
 
 The only place the pipeline computes epsilon for planning. From the split's training-set size
-and the config's batch size, epochs, delta and headline accountant it fixes the Poisson sample
+and the variant's batch size, epochs, delta and headline accountant it fixes the Poisson sample
 rate q, the step count and sigma (calibrated for eps<target>, given for sigma<multiplier>, 0
 for none) and records epsilon under both accountants, plus the headline epsilon after each
 epoch so the training log can show epsilon so far without dp-accounting in a backend's venv.
+
+Large-batch simulation (Sander et al. 2023, `simulate_batch_size` B0): the plan of the large
+run (batch B0, its steps S, its sigma0) is fixed first; this run then trains at the small batch
+B for the same S steps with sigma0 * B / B0, so that sigma / B, the noise on the averaged
+gradient, is the large run's. Its `epsilon` stays this run's own (much weaker) guarantee; the
+large run's epsilon, the one its accuracy predicts, is `simulated_epsilon`.
 """
 
 from __future__ import annotations
@@ -54,6 +60,8 @@ def privacy_plan(
     delta: float,
     accountant: str = "rdp",
     progress: Callable[[str], None] | None = None,
+    variant: str = "default",
+    simulate_batch_size: int | None = None,
 ) -> dict:
     """The privacy file's content for one level (see docs/architecture.md).
 
@@ -66,10 +74,22 @@ def privacy_plan(
         )
     parsed = parse_level(level)
     plan = schedule(n_train, batch_size, epochs)
+    large, large_epochs = None, None
+    if simulate_batch_size is not None:
+        if not simulate_batch_size > batch_size:
+            raise ConfigError(
+                f"config error: variants.{variant}.simulate_batch_size: {simulate_batch_size} "
+                f"is not above training.batch_size {batch_size}; expected the larger batch"
+            )
+        # The large run's steps: this run takes as many, at its own (smaller) sample rate.
+        large = schedule(n_train, simulate_batch_size, epochs)
+        plan["steps"] = large["steps"]
+        large_epochs, epochs = epochs, large["steps"] / plan["steps_per_epoch"]
     q, steps, per_epoch = plan["sample_rate"], plan["steps"], plan["steps_per_epoch"]
     n_epochs = len(acc.epoch_steps(steps, per_epoch))
     record = {
         "level": level,
+        "variant": variant,
         "private": parsed["private"],
         "noise_multiplier": 0.0,
         **plan,
@@ -86,6 +106,20 @@ def privacy_plan(
         "neighboring_relation": acc.NEIGHBORING,
         "target_epsilon": parsed["target_epsilon"],
         "calibration_rtol": None,
+        # Large-batch simulation only (see the module docstring); null otherwise.
+        "simulated_batch_size": simulate_batch_size,
+        "simulated_sample_rate": large["sample_rate"] if large else None,
+        "simulated_epochs": large_epochs,
+        "simulated_noise_multiplier": None,
+        "simulated_epsilon": None,
+        "epsilon_note": (
+            f"epsilon is this run's own guarantee; simulated_epsilon is the predicted epsilon "
+            f"of the large-batch run (batch {simulate_batch_size}, simulated_noise_multiplier, "
+            f"same steps) whose accuracy this run estimates (Sander et al. 2023); this run is "
+            f"not private at simulated_epsilon"
+            if large
+            else None
+        ),
         # null = infinite epsilon (non-private); one entry per epoch either way.
         "eps_by_epoch": [None] * n_epochs,
     }
@@ -96,9 +130,11 @@ def privacy_plan(
             f"config error: privacy.delta: {delta:g} is not below 1/n_train = {1 / n_train:.3g} "
             f"(n_train = {n_train}); expected delta < 1/n_train"
         )
+    # The level fixes the noise of the run it describes: this one, or the simulated large one.
+    q_level = large["sample_rate"] if large else q
     if parsed["target_epsilon"] is not None:
         say(f"calibrating sigma for epsilon {parsed['target_epsilon']:g} ({accountant}) ...")
-        sigma = acc.calibrate_sigma(parsed["target_epsilon"], q, steps, delta, accountant)
+        sigma = acc.calibrate_sigma(parsed["target_epsilon"], q_level, steps, delta, accountant)
         record["calibration_rtol"] = acc.CALIBRATION_RTOL
         say(f"sigma = {sigma:.6g}")
     else:
@@ -108,6 +144,15 @@ def privacy_plan(
                 f"config error: privacy.levels: {level!r} adds no noise; expected sigma > 0, "
                 "or the level none for non-private training"
             )
+    if large:
+        sigma0 = record["simulated_noise_multiplier"] = sigma
+        eps0 = record["simulated_epsilon"] = acc.epsilon(q_level, sigma, steps, delta, accountant)
+        # sigma / B held fixed, with B the expected batch sizes q n (Sander et al. 2023).
+        sigma = sigma0 * plan["expected_batch_size"] / large["expected_batch_size"]
+        say(
+            f"simulating batch {simulate_batch_size} (sigma0 {sigma0:.6g}, predicted eps "
+            f"{eps0:.6g}) at batch {batch_size}: sigma {sigma:.6g}"
+        )
     record["noise_multiplier"] = sigma
     record["eps_rdp"] = acc.epsilon_rdp(q, sigma, steps, delta)
     record["eps_pld"] = acc.epsilon_pld(q, sigma, steps, delta)
@@ -163,6 +208,10 @@ def main(argv=None) -> None:
     parser.add_argument("--epochs", type=float, required=True, help="training.epochs")
     parser.add_argument("--delta", type=float, required=True, help="privacy.delta")
     parser.add_argument("--accountant", default="rdp", choices=acc.ACCOUNTANTS)
+    parser.add_argument("--variant", default="default", help="the variant's name (recorded)")
+    parser.add_argument(
+        "--simulate-batch-size", type=int, help="B0 of a simulated large-batch run (Sander et al.)"
+    )
     parser.add_argument("--out", required=True, help="the privacy file to write")
     parser.add_argument("--threads", type=int, default=1, help="unused: accounting is serial")
     args = parser.parse_args(argv)
@@ -174,7 +223,8 @@ def main(argv=None) -> None:
     try:
         n_train = n_train_of(args.split)
         print(
-            f"calibrate {args.level}: n_train={n_train} batch_size={args.batch_size} "
+            f"calibrate {args.level} ({args.variant}): n_train={n_train} "
+            f"batch_size={args.batch_size} simulate_batch_size={args.simulate_batch_size} "
             f"epochs={args.epochs:g} delta={args.delta:g} accountant={args.accountant} "
             f"(sampling {acc.SAMPLING})",
             flush=True,
@@ -188,6 +238,8 @@ def main(argv=None) -> None:
             args.delta,
             args.accountant,
             progress=lambda line: print(line, flush=True),
+            variant=args.variant,
+            simulate_batch_size=args.simulate_batch_size,
         )
     except (ValueError, OSError) as err:
         sys.exit(f"dpscale.privacy.calibrate: {err}")

@@ -1,10 +1,11 @@
 """`python -m dpscale.report.aggregate`: every run's metrics.json -> results/<exp>/summary.csv.
 
-One tidy row per run: the run's keys (backend, mode, split, level, seed), its privacy plan
+One tidy row per run: the run's keys (backend, mode, split, level, variant, seed), its plan
 (epsilon with the accountant, delta and sampling that qualify it), results and timing, every
 other scalar the runner recorded, the scalars of the run's evaluation.json when given (lists
 such as per-class rows, the confusion matrix and histograms stay in that file), then every
-config parameter as a column, flattened with underscores (model.width -> model_width). Keys a
+config parameter as a column, flattened with underscores (model.width -> model_width; training
+and model as the run's variant resolved them, so training_batch_size is the effective one). Keys a
 run lacks are empty cells, never a crash: a backend that does not report its own epsilon
 simply leaves backend_epsilon empty.
 """
@@ -23,12 +24,15 @@ import tempfile
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 
+from dpscale.config import variant_configs
+
 #: Columns every summary has, in this order, whether or not any run recorded them.
 COLUMNS = (
     "backend",
     "mode",
     "split",
     "level",
+    "variant",
     "seed",
     "private",
     "epsilon",
@@ -38,9 +42,16 @@ COLUMNS = (
     "target_epsilon",
     "noise_multiplier",
     "sample_rate",
+    "batch_size",
     "expected_batch_size",
+    "epochs",
     "steps",
     "steps_per_epoch",
+    # Large-batch simulation (Sander et al. 2023): the predicted run's batch, sigma and epsilon;
+    # `epsilon` above stays this run's own guarantee. Empty for ordinary runs.
+    "simulated_batch_size",
+    "simulated_noise_multiplier",
+    "simulated_epsilon",
     "n_train",
     "test_accuracy",
     "test_loss",
@@ -64,10 +75,14 @@ COLUMNS = (
     "membership_loss_tpr_at_fpr_1pct",
     "membership_eps_lower_bound",
 )
-#: results/<exp>/runs/<split>/<backend>/<level>/seed<k>/metrics.json (workflow/rules/common.smk)
+#: results/<exp>/runs/<split>/<backend>/<level>/<variant>/seed<k>/metrics.json (common.smk)
 RUN_PATH = re.compile(
-    r"runs/(?P<split>[^/]+)/(?P<backend>[^/]+)/(?P<level>[^/]+)/seed(?P<seed>\d+)/[^/]+$"
+    r"runs/(?P<split>[^/]+)/(?P<backend>[^/]+)/(?P<level>[^/]+)/(?P<variant>[^/]+)"
+    r"/seed(?P<seed>\d+)/[^/]+$"
 )
+#: Config keys that are not one run's parameters: the grid's variants (resolved per row
+#: instead), the scales' overrides (already merged) and the published numbers.
+NOT_PARAMETERS = ("variants", "scales", "paper")
 
 
 class AggregateError(ValueError):
@@ -88,13 +103,21 @@ def flatten(obj: Mapping, prefix: str = "") -> dict:
     return out
 
 
-def config_columns(config: Mapping, split: str | None, backend: str | None) -> dict:
-    """The flattened config, plus this run's split profile and backend options resolved.
+def config_columns(
+    config: Mapping, split: str | None, backend: str | None, variant: str | None = None
+) -> dict:
+    """The flattened config, plus this run's split profile, backend options and variant resolved.
 
     The grid keys (splits.profiles, backend_options) hold every split's and backend's entry;
-    `split_kind`, `split_rho` and `backend_option_<key>` say which one this row used.
+    `split_kind`, `split_rho` and `backend_option_<key>` say which one this row used; the
+    `training_*` and `model_*` columns are the run's variant's (the config's, overrides merged).
     """
-    cols = flatten(config)
+    config = dict(config)
+    variants = config.get("variants") or {}
+    if variant in variants:
+        resolved = variant_configs(config)[variant]
+        config["training"], config["model"] = resolved["training"], resolved["model"]
+    cols = flatten({k: v for k, v in config.items() if k not in NOT_PARAMETERS})
     profiles = (config.get("splits") or {}).get("profiles") or {}
     for key, value in (profiles.get(split) or {}).items():
         cols[f"split_{key}"] = value
@@ -181,7 +204,10 @@ def summary_rows(metrics: Iterable[dict], config: Mapping) -> tuple[list[str], l
     rows, config_keys = [], set()
     for m in runs:
         row = dict(m)
-        for key, value in config_columns(config, m.get("split"), m.get("backend")).items():
+        cols = config_columns(config, m.get("split"), m.get("backend"), m.get("variant"))
+        if row.get("batch_size") is None:  # the variant's B (the plan has only q n)
+            row["batch_size"] = cols.get("training_batch_size")
+        for key, value in cols.items():
             name = f"config_{key}" if key in COLUMNS or key in run_keys else key
             row[name] = value
             config_keys.add(name)
@@ -197,6 +223,7 @@ def _row_order(row: dict) -> tuple:
         str(row.get("backend")),
         str(row.get("mode")),
         _level_key(row.get("level")),
+        str(row.get("variant")),
         _num(row.get("seed")),
     )
 

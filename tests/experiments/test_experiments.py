@@ -1,0 +1,189 @@
+"""The paper experiments (config/experiments/*.yaml): planned at both scales, run at smoke scale.
+
+Each smoke run is real Snakemake with real backends on the bundled digits, once per module
+(fixtures), and its outputs are checked for content. Paper scale is only planned (`-n`): the
+ImageNet-sized data it needs is given here as a tiny generated image folder.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pandas as pd
+import pytest
+import yaml
+
+from tests.conftest import PROJECT, SNAKEFILE
+from tests.datagen import make_imagefolder
+
+pytestmark = pytest.mark.slow
+
+EXPERIMENTS = sorted((PROJECT / "config/experiments").glob("*.yaml"))
+
+
+def config_of(name: str) -> Path:
+    return PROJECT / f"config/experiments/{name}.yaml"
+
+
+def snakemake(workdir: Path, *args: str, timeout: int = 1800) -> subprocess.CompletedProcess:
+    cmd = [sys.executable, "-m", "snakemake", "-s", str(SNAKEFILE), "-d", str(workdir), *args]
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
+
+
+@pytest.fixture(scope="module")
+def data_overlay(tmp_path_factory) -> Path:
+    """A second config file pointing dataset.path at a tiny class-per-folder tree."""
+    root = tmp_path_factory.mktemp("imagefolder")
+    folder = make_imagefolder(root / "train", {"n01": 2, "n02": 2}, size=(10, 8))
+    overlay = root / "data.yaml"
+    overlay.write_text(yaml.safe_dump({"dataset": {"path": str(folder)}}))
+    return overlay
+
+
+@pytest.mark.parametrize("scale", ["paper", "smoke"])
+@pytest.mark.parametrize("configfile", EXPERIMENTS, ids=lambda p: p.stem)
+def test_experiment_plans_its_jobs_at_both_scales(tmp_path, configfile, scale, data_overlay):
+    files = [str(configfile)]
+    cfg = yaml.safe_load(configfile.read_text())
+    if scale == "paper" and "path" in cfg["dataset"]:
+        files.append(str(data_overlay))
+    proc = snakemake(tmp_path, "-n", "--configfile", *files, "--config", f"scale={scale}")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "train_" in proc.stdout
+    if cfg.get("paper"):
+        assert "paper_comparison" in proc.stdout
+
+
+def test_paper_scale_without_the_data_path_names_the_key(tmp_path):
+    proc = snakemake(tmp_path, "-n", "--configfile", str(config_of("kurakin-naive-eps")))
+    assert proc.returncode != 0
+    assert "config error: dataset.path: missing" in proc.stdout + proc.stderr
+
+
+def test_an_unknown_scale_is_a_clear_error(tmp_path):
+    args = ("-n", "--configfile", str(config_of("membership")), "--config", "scale=huge")
+    proc = snakemake(tmp_path, *args)
+    assert proc.returncode != 0
+    assert "config error: scale: 'huge' is not defined in scales" in proc.stdout + proc.stderr
+
+
+class Smoke:
+    """One experiment run at smoke scale in its own working directory."""
+
+    def __init__(self, name: str, workdir: Path):
+        self.name, self.workdir = name, workdir
+        self.results = workdir / "results" / name
+        args = ("--configfile", str(config_of(name)), "--config", "scale=smoke", "--cores", "2")
+        self.proc = snakemake(workdir, *args)
+        assert self.proc.returncode == 0, (self.proc.stdout + self.proc.stderr)[-4000:]
+        self.summary = pd.read_csv(self.results / "summary.csv")
+
+    def csv(self, name: str) -> pd.DataFrame:
+        return pd.read_csv(self.results / name)
+
+
+def smoke(name: str):
+    @pytest.fixture(scope="module")
+    def run(tmp_path_factory) -> Smoke:
+        return Smoke(name, tmp_path_factory.mktemp(name))
+
+    return run
+
+
+virtual_batch = smoke("kurakin-virtual-batch")
+naive_eps = smoke("kurakin-naive-eps")
+frameworks = smoke("frameworks-resnet18")
+imbalance = smoke("imbalance")
+membership = smoke("membership")
+
+
+def _paper_table_has_both_columns(run: Smoke) -> pd.DataFrame:
+    table = run.csv("paper_comparison.csv")
+    cfg = yaml.safe_load(config_of(run.name).read_text())
+    assert len(table) == len(cfg["paper"])
+    assert {"paper_value", "ours_value", "ours_runs", "scale"} <= set(table.columns)
+    assert (table["scale"] == "smoke").all()
+    assert list(table["paper_value"]) == [float(row["value"]) for row in cfg["paper"]]
+    assert (table["ours_runs"] >= 1).all() and table["ours_value"].notna().all()
+    return table
+
+
+def test_virtual_batch_epsilon_falls_as_the_batch_grows(virtual_batch):
+    s = virtual_batch.summary.set_index("variant")
+    assert set(s.index) == {"k1", "k4", "k16", "k64"}
+    order = ["k1", "k4", "k16", "k64"]
+    assert list(s.loc[order, "batch_size"]) == [8, 32, 128, 512]
+    # Same steps, same sigma / B: the bigger batch (more epochs) is the more private run.
+    assert s.loc[order, "steps"].nunique() == 1
+    sigma_over_b = s.loc[order, "noise_multiplier"] / s.loc[order, "batch_size"]
+    assert sigma_over_b.to_numpy() == pytest.approx(sigma_over_b.iloc[0])
+    eps = s.loc[order, "epsilon"].to_numpy()
+    assert all(a > b for a, b in zip(eps, eps[1:], strict=False)), eps
+    assert (s["accountant"] == "rdp").all() and (s["sampling"] == "poisson").all()
+
+
+def test_simulated_runs_state_the_predicted_large_batch_epsilon(virtual_batch):
+    s = virtual_batch.summary.set_index("variant")
+    large_eps = s.loc["k64", "epsilon"]
+    assert pd.isna(s.loc["k64", "simulated_epsilon"])
+    for v in ("k1", "k4", "k16"):
+        assert s.loc[v, "simulated_batch_size"] == 512
+        assert s.loc[v, "simulated_epsilon"] == pytest.approx(large_eps)
+        assert s.loc[v, "epsilon"] > large_eps  # its own guarantee, not the predicted one
+    privacy = virtual_batch.results / "privacy/balanced/k1/eps8.json"
+    assert "not private at simulated_epsilon" in json.loads(privacy.read_text())["epsilon_note"]
+    check = virtual_batch.csv("simulation_check.csv")
+    assert set(check["simulating_variant"]) == {"k1", "k4", "k16"}
+    assert (check["real_variant"] == "k64").all()
+    assert check["predicted_test_accuracy"].between(0, 1).all()
+    assert check["real_test_accuracy"].between(0, 1).all()
+    assert check["predicted_epsilon"].to_numpy() == pytest.approx(check["real_epsilon"])
+    _paper_table_has_both_columns(virtual_batch)
+
+
+def test_naive_eps_reaches_each_target(naive_eps):
+    s = naive_eps.summary
+    private = s[s["private"]]
+    assert set(private["level"]) == {"eps4.6", "eps13.2", "eps71"}
+    assert (private["epsilon"] <= private["target_epsilon"] * (1 + 1e-9)).all()
+    assert (private["epsilon"] >= private["target_epsilon"] * 0.99).all()
+    table = _paper_table_has_both_columns(naive_eps)
+    assert (table["ours_epsilon"] <= 71 + 1e-6).all()
+
+
+def test_frameworks_train_the_same_plan_in_every_backend(frameworks):
+    s = frameworks.summary
+    assert set(s["backend"]) == {"reference", "opacus", "tfprivacy", "objax", "jax"}
+    private = s[s["level"] == "eps10"]
+    assert len(private) == 5 and private["noise_multiplier"].nunique() == 1
+    assert (private["epsilon"] <= 10 + 1e-9).all() and (private["delta"] == 1e-6).all()
+    assert s["seconds_per_epoch"].gt(0).all() and s["train_loss"].notna().all()
+    table = _paper_table_has_both_columns(frameworks)
+    assert (table["ours_runs"] == 1).all()  # the objax rows only
+    assert (frameworks.results / "figures/runtime/step_time_ratio.svg").exists()
+
+
+def test_imbalance_has_three_profiles_and_their_disparate_impact(imbalance):
+    s = imbalance.summary
+    assert set(s["split"]) == {"rho1", "rho10", "rho100"}
+    n_train = s.groupby("split")["n_train"].first()
+    assert n_train["rho1"] > n_train["rho10"] > n_train["rho100"]
+    assert s["test_balanced_accuracy"].between(0, 1).all()
+    for split in ("rho1", "rho10", "rho100"):
+        assert (imbalance.results / f"figures/disparate_impact/{split}.svg").exists()
+    assert not (imbalance.results / "paper_comparison.csv").exists()  # no published numbers
+
+
+def test_membership_attacks_non_private_and_dp_runs(membership):
+    s = membership.summary.set_index("level")
+    assert {"none", "eps8"} <= set(s.index)
+    assert s["membership_loss_auc"].between(0, 1).all()
+    assert pd.isna(s.loc["none", "epsilon"]) and s.loc["eps8", "epsilon"] <= 8
+    figures = membership.results / "figures/membership"
+    assert (figures / "histograms/balanced/reference.svg").exists()
+    assert (figures / "roc/balanced.svg").exists()
+    table = _paper_table_has_both_columns(membership)
+    assert table.loc[0, "metric"] == "membership_loss_auc"
