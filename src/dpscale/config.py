@@ -125,17 +125,36 @@ def validate(config: dict[str, Any], schema_path: str | Path) -> dict[str, Any]:
     # failure names the variant's key (variants.<name>.training.batch_size: ...).
     for name, resolved in variant_configs(config).items():
         candidate = {**config, **{k: resolved[k] for k in ("training", "model")}}
-        candidate["variants"] = {"default": {}}
+        _check_derived(validator, candidate, f"variants.{name}.")
         try:
-            errors = sorted(validator.iter_errors(candidate), key=lambda e: len(e.absolute_path))
-            if errors:
-                raise ConfigError(f"config error: {_explain(errors[0])}")
-            _check_semantics(candidate)
             _check_simulation(resolved)
         except ConfigError as err:
             where = str(err).removeprefix("config error: ")
             raise ConfigError(f"config error: variants.{name}.{where}") from None
+    if config["transfer"]:
+        candidate = {**config, "training": pretrain_training(config), "transfer": None}
+        _check_derived(validator, candidate, "transfer.")
     return config
+
+
+def _check_derived(validator, candidate: dict[str, Any], prefix: str) -> None:
+    """A config derived by overrides passes the same checks; a failure names `prefix`."""
+    candidate = {**candidate, "variants": {"default": {}}}
+    try:
+        errors = sorted(validator.iter_errors(candidate), key=lambda e: len(e.absolute_path))
+        if errors:
+            raise ConfigError(f"config error: {_explain(errors[0])}")
+        _check_semantics(candidate)
+    except ConfigError as err:
+        where = str(err).removeprefix("config error: ")
+        raise ConfigError(f"config error: {prefix}{where}") from None
+
+
+def pretrain_training(config: dict[str, Any]) -> dict[str, Any]:
+    """The pre-training run's `training`: the config's, transfer.training merged in, nothing
+    frozen (it trains the whole model)."""
+    merged = deep_merge(config["training"], (config["transfer"] or {}).get("training") or {})
+    return {**merged, "frozen_groups": 0}
 
 
 def variant_configs(config: dict[str, Any]) -> dict[str, dict[str, Any]]:
@@ -210,6 +229,36 @@ def _check_semantics(config: dict[str, Any]) -> None:
     for name in config["backend_options"]:
         if name not in config["backends"]:
             _fail(f"backend_options.{name}", "options for a backend that is not in backends")
+    _check_transfer(config, known)
+
+
+def _check_transfer(config: dict[str, Any], known: list[str]) -> None:
+    from dpscale.backends import FREEZING
+
+    transfer, frozen = config.get("transfer"), config["training"]["frozen_groups"]
+    if frozen and not transfer:
+        _fail(
+            "training.frozen_groups",
+            f"{frozen} without a transfer block; expected pre-trained weights to freeze "
+            "(transfer: {public_classes: N}) or 0",
+        )
+    if frozen:
+        cannot = [b for b in config["backends"] if b not in FREEZING]
+        if cannot:
+            _fail(
+                "training.frozen_groups",
+                f"backend(s) {', '.join(cannot)} cannot freeze block groups; expected backends "
+                f"among {', '.join(FREEZING)}",
+            )
+    if not transfer:
+        return
+    if "public" in config["splits"]["profiles"]:
+        _fail("splits.profiles.public", "the name is taken by the transfer's public split")
+    if transfer["backend"] not in known:
+        _fail(
+            "transfer.backend",
+            f"unknown backend {transfer['backend']!r}; expected one of {', '.join(known)}",
+        )
 
 
 def parse_level(level: str) -> dict[str, float | None]:

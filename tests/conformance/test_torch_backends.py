@@ -122,3 +122,82 @@ def test_epsilon_is_opacus_rdp_with_its_orders(probe):
     )
     # Same RDP bound and the same order list: equal up to float rounding (environments.md).
     assert eps["epsilon"] == pytest.approx(rdp.get_epsilon(1e-5), rel=1e-9)
+
+
+# Transfer learning (training.frozen_groups): frozen parameters get no gradient, no noise and no
+# update; the DP machinery clips the norm over the trainable ones only.
+FREEZE_PROBE = textwrap.dedent(
+    """
+    import json, sys
+    import numpy as np
+    from dpscale.backends import load
+    from dpscale.backends.base import Batch, StepConfig
+    from dpscale.models.resnet import ResNetSpec, frozen_names, init_weights
+
+    name, options = sys.argv[1], json.loads(sys.argv[2])
+    spec = ResNetSpec(num_classes=3, image_size=8, width=4, groups=2)
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(6, 8, 8, 3)).astype(np.float32)
+    batch = Batch(x, rng.integers(0, 3, 6), np.array([1, 1, 1, 1, 1, 0], bool))
+    a = load(name)(spec, options, 0, 1)
+    frozen = frozen_names(spec, 3)
+    a.freeze(frozen)
+    grads = a.clipped_grad_sum(batch, 0.01)
+    before = a.get_weights()
+    a.setup_training(StepConfig(True, 1.0, 1.5, 4.0, 0.9, 6))
+    a.train_step([batch], 0.5)
+    after = a.get_weights()
+    moved = sorted(n for n in before if not np.array_equal(before[n], after[n]))
+    print(json.dumps({
+        "frozen": frozen,
+        "moved": moved,
+        "grads": {n: g.ravel().tolist() for n, g in grads.items()},
+    }))
+    """
+)
+FREEZE_CASES = [("reference", {})] + [
+    ("opacus", {"grad_sample_mode": m}) for m in ("hooks", "functorch", "ghost")
+]
+
+
+def _freeze_probe(name: str, options: dict) -> dict:
+    proc = subprocess.run(
+        [str(venv_python(name)), "-c", FREEZE_PROBE, name, json.dumps(options)],
+        capture_output=True,
+        text=True,
+        env=thread_env(1),
+        timeout=600,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+@pytest.fixture(scope="module")
+def freeze_probes() -> dict:
+    return {
+        f"{name}-{options.get('grad_sample_mode', '')}": _freeze_probe(name, options)
+        for name, options in FREEZE_CASES
+        if name in TORCH_BACKENDS
+    }
+
+
+def test_frozen_parameters_are_never_updated_and_the_rest_are(freeze_probes):
+    for case, out in freeze_probes.items():
+        frozen = set(out["frozen"])
+        assert frozen and "fc.weight" not in frozen
+        assert not frozen & set(out["moved"]), f"{case}: a frozen parameter moved"
+        # Everything else moves (noise reaches every trainable parameter).
+        assert set(out["moved"]) >= {"fc.weight", "fc.bias", "layer4.1.conv2.weight"}, case
+        assert set(out["grads"]).isdisjoint(frozen), f"{case}: gradient of a frozen parameter"
+
+
+def test_frozen_models_clip_the_same_in_every_torch_backend(freeze_probes):
+    """Clipping at C=0.01 binds for every example, so the sums agree only if each backend takes
+    the per-example norm over the same (trainable) parameters."""
+    if "reference-" not in freeze_probes:
+        pytest.skip("the reference backend is not built")
+    ref = freeze_probes["reference-"]["grads"]
+    for case, out in freeze_probes.items():
+        assert set(out["grads"]) == set(ref), case
+        for n, g in out["grads"].items():
+            assert g == pytest.approx(ref[n], rel=1e-3, abs=1e-6), f"{case}: {n}"

@@ -12,6 +12,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 import pytest
 import yaml
@@ -98,6 +99,7 @@ naive_eps = smoke("kurakin-naive-eps")
 frameworks = smoke("frameworks-resnet18")
 imbalance = smoke("imbalance")
 membership = smoke("membership")
+transfer = smoke("kurakin-transfer")
 
 
 def _paper_table_has_both_columns(run: Smoke) -> pd.DataFrame:
@@ -187,3 +189,31 @@ def test_membership_attacks_non_private_and_dp_runs(membership):
     assert (figures / "roc/balanced.svg").exists()
     table = _paper_table_has_both_columns(membership)
     assert table.loc[0, "metric"] == "membership_loss_auc"
+
+
+def _block_group(name: str) -> int:
+    """1 for the stem and layer1, k for layer<k>, 5 for the head (never frozen)."""
+    if name.startswith("layer"):
+        return int(name[len("layer")])
+    return 5 if name.startswith("fc.") else 1
+
+
+def test_transfer_fine_tunes_from_public_pre_training_with_frozen_groups(transfer):
+    r = transfer.results
+    public, private = (np.load(r / f"splits/{s}.npz") for s in ("public", "balanced"))
+    assert not set(public["classes"]) & set(private["classes"])  # disjoint classes
+    pretrained = np.load(r / "pretrain/weights.npz")
+    pre = json.loads((r / "pretrain/metrics.json").read_text())
+    assert pre["epsilon"] is None and pre["level"] == "none" and pre["split"] == "public"
+    s = transfer.summary.set_index("variant")
+    assert set(s["frozen_groups"]) == {3, 4} and (s["epsilon"] <= 10 + 1e-9).all()
+    assert (s["trainable_params"] < s["num_params"]).all()
+    for variant, row in s.iterrows():
+        run = r / f"runs/balanced/opacus/eps10/{variant}/seed0"
+        weights = np.load(run / "weights.npz")
+        for name in weights.files:
+            kept = np.array_equal(weights[name], pretrained[name])
+            frozen = _block_group(name) <= row["frozen_groups"]
+            assert kept == frozen, f"{variant}: {name} kept={kept}, frozen={frozen}"
+    table = _paper_table_has_both_columns(transfer)
+    assert table.loc[0, "ours_match"] == '{"variant": "f3-b64k-e70"}'

@@ -69,6 +69,37 @@ BAD = {
     "missing dataset name": (_set("dataset.name", KeyError), "dataset.name: missing"),
     "classes of the wrong form": (_set("splits.classes", "ten"), "splits.classes: 'ten'"),
     "empty backends": (_set("backends", []), "backends:"),
+    "frozen groups without transfer": (
+        _set("training.frozen_groups", 3),
+        "training.frozen_groups: 3 without a transfer block",
+    ),
+    "frozen groups in a backend that cannot freeze": (
+        lambda c: c.update(
+            transfer={"public_classes": 2}, training={"frozen_groups": 3}, backends=["jax"]
+        ),
+        "training.frozen_groups: backend(s) jax cannot freeze block groups; expected backends "
+        "among opacus, reference",
+    ),
+    "a variant freezes in a backend that cannot": (
+        lambda c: c.update(
+            transfer={"public_classes": 2},
+            backends=["opacus", "objax"],
+            variants={"f4": {"training": {"frozen_groups": 4}}},
+        ),
+        "variants.f4.training.frozen_groups: backend(s) objax cannot freeze",
+    ),
+    "too many frozen groups": (_set("training.frozen_groups", 5), "training.frozen_groups:"),
+    "transfer's pre-training checked as training": (
+        _set("transfer", {"public_classes": 2, "training": {"lr": -1}}),
+        "transfer.training.lr:",
+    ),
+    "public split name taken": (
+        lambda c: (
+            c.update(transfer={"public_classes": 2})
+            or c["splits"]["profiles"].update(public={"kind": "balanced"})
+        ),
+        "splits.profiles.public: the name is taken",
+    ),
 }
 
 

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from dpscale.data import DataError
-from dpscale.data.rules import split_args
+from dpscale.data.rules import public_split_args, split_args
 from dpscale.data.split import build, holdout_counts, main, make_split, train_counts
 
 # Hand-computed: floor(100 * rho^(-r/9)) for r = 0..9.
@@ -114,6 +114,21 @@ def test_errors_name_the_class_and_the_counts():
     with pytest.raises(DataError, match=r"splits.classes: 7; expected at most the 4 classes"):
         _build(labels, classes=7)
     assert len(make_split(labels, [0], [40], [10], 12, 0)["train"]) == 40
+
+
+def test_public_split_takes_the_classes_the_private_ones_leave(tmp_path):
+    labels = _labels()
+    manifest = {"classes": ["a", "b", "c", "d"], "source": "t", "resolution": 8, "sha256": {}}
+    splits = {"seed": 0, "classes": ["c", "a"], "test_per_class": 12}
+    args = public_split_args(splits, {"public_classes": 2, "public_per_class": 30}, None, None, "o")
+    kwargs = {k: v for k, v in args.items() if k not in ("labels", "manifest", "out")}
+    public = build(labels, manifest, **kwargs)
+    private = _build(labels, classes=["c", "a"])
+    assert public["classes"].tolist() == [1, 3]  # b and d, in dataset order
+    assert not set(labels[public["train"]]) & set(labels[private["train"]])
+    assert public["train_counts"].tolist() == [30, 30] and len(public["holdout"]) == 0
+    with pytest.raises(DataError, match=r"transfer.public_classes: 3; expected at most the 2"):
+        build(labels, manifest, **{**kwargs, "public": 3})
 
 
 def test_cli_writes_the_documented_npz(tmp_path):

@@ -27,6 +27,8 @@ VARIANTS = dp_config.variant_configs(config)
 # One run = one cell of the grid; its directory holds the four outputs of the backend contract.
 RUN = str(RESULTS / "runs/{split}/{backend}/{level}/{variant}/seed{seed}")
 RUN_OUTPUTS = ("metrics.json", "history.csv", "predictions.npz", "weights.npz")
+# The transfer experiment's pre-training run (config `transfer:`), shared by every run.
+PRETRAIN = str(RESULTS / "pretrain")
 
 
 wildcard_constraints:
@@ -104,11 +106,21 @@ def paper_targets():
 
 
 def train_inputs(w):
+    pretrained = {"init": f"{PRETRAIN}/weights.npz"} if config["transfer"] else {}
     return {
         "env": env_ready(w.backend),
         **data_files(),
         "split": split_file(w.split),
         "privacy": privacy_file(w.split, w.level, w.variant),
+        **pretrained,
+    }
+
+
+def pretrain_inputs(w):
+    return {
+        "env": env_ready(config["transfer"]["backend"]),
+        **data_files(),
+        "split": split_file("public"),
     }
 
 
@@ -122,6 +134,38 @@ def train_args(wildcards, input, output, params):
         training=VARIANTS[wildcards.variant]["training"],
         options=config["backend_options"].get(wildcards.backend, {}),
         seed=wildcards.seed,
+        init=input.get("init"),
+        out_dir=Path(output.metrics).parent,
+        checkpoint_dir=params.checkpoint,
+    )
+
+
+def pretrain_privacy_args(input, output):
+    """Level none (the public data is not protected) with the pre-training's batch and epochs."""
+    training = dp_config.pretrain_training(config)
+    return dict(
+        split=input.split,
+        level="none",
+        variant="pretrain",
+        batch_size=training["batch_size"],
+        epochs=training["epochs"],
+        delta=config["privacy"]["delta"],
+        accountant=config["privacy"]["accountant"],
+        out=output.privacy,
+    )
+
+
+def pretrain_args(input, output, params):
+    backend = config["transfer"]["backend"]
+    return dict(
+        backend=backend,
+        data_dir=Path(input["images.npy"]).parent,
+        split=input.split,
+        privacy=output.privacy,
+        model=config["model"],
+        training=dp_config.pretrain_training(config),
+        options=config["backend_options"].get(backend, {}),
+        seed=0,
         out_dir=Path(output.metrics).parent,
         checkpoint_dir=params.checkpoint,
     )

@@ -74,6 +74,31 @@ rule split:
         )
 
 
+# The transfer experiment's public split: classes disjoint from every private split's.
+rule split_public:
+    input:
+        labels=data_files()["labels.npy"],
+        manifest=data_files()["manifest.json"],
+    output:
+        split_file("public"),
+    log:
+        str(RESULTS / "logs/split/public.log"),
+    threads: 1
+    params:
+        splits=lambda w: {k: v for k, v in config["splits"].items() if k != "profiles"},
+        transfer=lambda w: config["transfer"],
+    run:
+        run_step(
+            "dpscale.data.split",
+            log,
+            sys.executable,
+            threads,
+            **dp_data.public_split_args(
+                config["splits"], config["transfer"], input.labels, input.manifest, output[0]
+            ),
+        )
+
+
 # Every split of the experiment (and so the prepared data): `snakemake splits`.
 rule splits:
     input:

@@ -53,3 +53,41 @@ use rule train as train_objax with:
 use rule train as train_jax with:
     wildcard_constraints:
         backend="jax",
+
+
+# Transfer (config `transfer:`): one non-private pre-training on the public split, whose body
+# every run above starts from (train_inputs adds it as `init`). Outside the privacy guarantee
+# by construction: the public classes are disjoint from the private ones.
+rule pretrain:
+    input:
+        unpack(pretrain_inputs),
+    output:
+        privacy=f"{PRETRAIN}/privacy.json",
+        metrics=f"{PRETRAIN}/metrics.json",
+        history=f"{PRETRAIN}/history.csv",
+        predictions=f"{PRETRAIN}/predictions.npz",
+        weights=f"{PRETRAIN}/weights.npz",
+    log:
+        calibrate=str(RESULTS / "logs/pretrain/calibrate.log"),
+        train=str(RESULTS / "logs/pretrain/train.log"),
+    threads: 4
+    resources:
+        runtime=train_runtime,
+    params:
+        python=lambda w: env_python(config["transfer"]["backend"]),
+        checkpoint=str(RESULTS / "checkpoints/pretrain"),
+    run:
+        run_step(
+            "dpscale.privacy.calibrate",
+            log.calibrate,
+            sys.executable,
+            1,
+            **pretrain_privacy_args(input, output),
+        )
+        run_step(
+            "dpscale.runner",
+            log.train,
+            params.python,
+            threads,
+            **pretrain_args(input, output, params),
+        )

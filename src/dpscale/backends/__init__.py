@@ -12,6 +12,8 @@ from pathlib import Path
 
 _HERE = Path(__file__).parent
 _NOT_BACKENDS = {"base"}
+# Backends whose adapter implements `freeze` (training.frozen_groups, transfer learning).
+FREEZING = ("opacus", "reference")
 
 
 def available() -> list[str]:

@@ -197,3 +197,15 @@ class TorchModel:
 
     def predict(self, x: np.ndarray) -> np.ndarray:
         return predict(self.model, x, self._device)
+
+    def freeze(self, names: list[str]) -> None:
+        params = dict(self.model.named_parameters())
+        unknown = sorted(set(names) - set(params))
+        if unknown:
+            raise ValueError(f"cannot freeze {unknown[:3]}: not parameters of the model")
+        for name in names:
+            params[name].requires_grad_(False)
+
+    def trainable(self) -> dict[str, nn.Parameter]:
+        """The parameters DP-SGD updates (and clips and noises): all but the frozen ones."""
+        return {n: p for n, p in self.model.named_parameters() if p.requires_grad}

@@ -87,6 +87,12 @@ class Adapter(abc.ABC):
     def predict(self, x: np.ndarray) -> np.ndarray:
         """Logits, float32 (n, num_classes), in inference mode."""
 
+    def freeze(self, names: list[str]) -> None:
+        """Keep these canonical parameters fixed from now on (no gradient, no noise, no update):
+        transfer learning. Called after set_weights and before setup_training. A backend that
+        cannot freeze leaves this as is, and the runner names the ones that can."""
+        raise NotImplementedError(f"{type(self).__module__} cannot freeze parameters")
+
     # -- training ---------------------------------------------------------------------------
     @abc.abstractmethod
     def setup_training(self, step: StepConfig) -> None:

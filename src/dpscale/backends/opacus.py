@@ -135,7 +135,7 @@ class Adapter(tr.TorchModel, BaseAdapter):
 
     def _empty_batch(self, opt) -> None:
         """What a zero-row Poisson batch leaves behind, so opt.step() adds noise only."""
-        for p in self.model.parameters():
+        for p in self.trainable().values():
             if self._ghost:
                 p.grad = torch.zeros_like(p)
             else:
@@ -170,7 +170,7 @@ class Adapter(tr.TorchModel, BaseAdapter):
             loss = F.cross_entropy(self.model(x), y, reduction="sum")
             (loss / count).backward()
             loss_sum += float(loss.detach())
-        for p in self.model.parameters():
+        for p in self.trainable().values():
             if p.grad is None:
                 p.grad = torch.zeros_like(p)
         self._sgd.step()
@@ -180,7 +180,7 @@ class Adapter(tr.TorchModel, BaseAdapter):
     # -- training ---------------------------------------------------------------------------
     def setup_training(self, step: StepConfig) -> None:
         self._step = step
-        self._sgd = torch.optim.SGD(self.model.parameters(), lr=0.0, momentum=step.momentum)
+        self._sgd = torch.optim.SGD(self.trainable().values(), lr=0.0, momentum=step.momentum)
         self._dp = None
         if step.private:
             self._grad_sample_module(step.clip_norm)
@@ -207,7 +207,7 @@ class Adapter(tr.TorchModel, BaseAdapter):
     def clipped_grad_sum(self, batch: Batch, clip_norm: float) -> dict[str, np.ndarray]:
         """The DP step's own machinery with sigma=0 and divisor 1, stopped before the update."""
         gsm = self._grad_sample_module(clip_norm)
-        probe = torch.optim.SGD(self.model.parameters(), lr=0.0)
+        probe = torch.optim.SGD(self.trainable().values(), lr=0.0)
         opt = self._dp_optimizer(probe, 0.0, clip_norm, 1.0)
         opt.zero_grad(set_to_none=True)
         rows = self._real_rows(batch)
@@ -218,7 +218,7 @@ class Adapter(tr.TorchModel, BaseAdapter):
         opt.pre_step()  # clip, accumulate, add zero noise, divide by 1: p.grad is the sum
         out = {
             n: p.grad.detach().cpu().numpy().astype(np.float32, copy=True)
-            for n, p in self.model.named_parameters()
+            for n, p in self.trainable().items()
         }
         opt.zero_grad(set_to_none=True)
         if self._ghost and self._step is not None and self._step.private:

@@ -67,7 +67,9 @@ class Adapter(tr.TorchModel, BaseAdapter):
 
     # -- model ------------------------------------------------------------------------------
     def _params(self) -> dict[str, torch.Tensor]:
-        return {n: p.detach() for n, p in self.model.named_parameters()}
+        # Frozen parameters stay out: functional_call takes them from the module as constants,
+        # so they get no gradient, count in no norm and receive no noise.
+        return {n: p.detach() for n, p in self.trainable().items()}
 
     # -- the math ---------------------------------------------------------------------------
     def _loss_one(self, params, x, y):
@@ -104,7 +106,7 @@ class Adapter(tr.TorchModel, BaseAdapter):
         return loss_sum
 
     def _zeros(self) -> dict[str, torch.Tensor]:
-        return {n: torch.zeros_like(p) for n, p in self.model.named_parameters()}
+        return {n: torch.zeros_like(p) for n, p in self.trainable().items()}
 
     # -- training ---------------------------------------------------------------------------
     def setup_training(self, step: StepConfig) -> None:
@@ -148,7 +150,7 @@ class Adapter(tr.TorchModel, BaseAdapter):
                 for gi in g.values():
                     gi /= count
             # Heavy-ball momentum, PyTorch convention (base.py).
-            for name, p in self.model.named_parameters():
+            for name, p in self.trainable().items():
                 v = self._momentum[name]
                 v.mul_(cfg.momentum).add_(g[name])
                 p.sub_(lr * v)

@@ -52,3 +52,22 @@ def split_args(splits: dict, profile_name: str, labels, manifest, out) -> dict:
         test_per_class=splits["test_per_class"],
         out=out,
     )
+
+
+def public_split_args(splits: dict, transfer: dict, labels, manifest, out) -> dict:
+    """The transfer experiment's public split: classes disjoint from the private ones, balanced,
+    no holdout (it is not audited), the private splits' test size."""
+    return dict(
+        labels=labels,
+        manifest=manifest,
+        profile="public",
+        kind="balanced",
+        rho=1,
+        seed=splits["seed"],
+        classes=splits["classes"],
+        public=transfer["public_classes"],
+        train_per_class=transfer["public_per_class"],
+        holdout_per_class=0,
+        test_per_class=splits["test_per_class"],
+        out=out,
+    )

@@ -76,6 +76,18 @@ def select_classes(names: list[str], spec) -> list[int]:
     return labels
 
 
+def public_classes(names: list[str], private: list[int], count: int) -> list[int]:
+    """The first `count` classes (dataset order) that are not private: the "public" classes a
+    transfer experiment pre-trains on (Places365's role in Kurakin et al. 2022)."""
+    rest = [c for c in range(len(names)) if c not in set(private)]
+    if count > len(rest):
+        raise DataError(
+            f"transfer.public_classes: {count}; expected at most the {len(rest)} classes of the "
+            f"prepared data that splits.classes leaves ({len(names)} - {len(private)} private)"
+        )
+    return rest[:count]
+
+
 def make_split(
     labels: np.ndarray,
     classes: list[int],
@@ -115,10 +127,14 @@ def build(
     train_per_class: int,
     holdout_per_class: int,
     test_per_class: int,
+    public: int | None = None,
 ) -> dict[str, np.ndarray]:
-    """The arrays of one split file (format: docs/architecture.md)."""
+    """The arrays of one split file (format: docs/architecture.md); with `public`, a split of
+    that many classes disjoint from `classes` instead."""
     names = list(manifest["classes"])
     chosen = select_classes(names, classes)
+    if public:
+        chosen = public_classes(names, chosen, public)
     chosen_names = [names[c] for c in chosen]
     train = train_counts(kind, train_per_class, len(chosen), rho)
     hold = holdout_counts(train, holdout_per_class, train_per_class)
@@ -176,6 +192,9 @@ def main(argv=None) -> None:
     parser.add_argument(
         "--classes", type=json.loads, default=10, help="a count or a JSON list of class names"
     )
+    parser.add_argument(
+        "--public", type=int, help="instead: this many classes disjoint from --classes"
+    )
     parser.add_argument("--train-per-class", type=int, required=True, help="n_max")
     parser.add_argument("--holdout-per-class", type=int, default=0)
     parser.add_argument("--test-per-class", type=int, required=True)
@@ -196,6 +215,7 @@ def main(argv=None) -> None:
             args.train_per_class,
             args.holdout_per_class,
             args.test_per_class,
+            args.public,
         )
         write(arrays, args.out)
     except DataError as err:

@@ -89,6 +89,17 @@ def param_shapes(spec: ResNetSpec) -> OrderedDict[str, tuple[int, ...]]:
     return shapes
 
 
+def frozen_names(spec: ResNetSpec, groups: int) -> list[str]:
+    """Parameters kept fixed when the first `groups` block groups are frozen (transfer learning,
+    Kurakin et al. 2022): the stem with group 1, then layer2.. in order; fc always trains."""
+    if not 0 <= groups <= len(STAGE_MULT):
+        raise ValueError(f"frozen_groups={groups}; expected 0..{len(STAGE_MULT)}")
+    if groups == 0:
+        return []
+    prefixes = ("conv1.", "gn1.", *(f"layer{g}." for g in range(1, groups + 1)))
+    return [name for name in param_shapes(spec) if name.startswith(prefixes)]
+
+
 def num_params(spec: ResNetSpec) -> int:
     return sum(math.prod(s) for s in param_shapes(spec).values())
 

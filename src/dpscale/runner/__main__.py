@@ -8,6 +8,7 @@ import os
 import sys
 from pathlib import Path
 
+from dpscale.runner import transfer
 from dpscale.runner.loop import (
     Run,
     RunnerError,
@@ -42,6 +43,9 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--model", type=_json("model"), default={}, help="model config (JSON)")
     p.add_argument("--training", type=_json("training"), default={}, help="training (JSON)")
     p.add_argument("--options", type=_json("options"), default={}, help="backend options (JSON)")
+    p.add_argument(
+        "--init", type=Path, help="pre-trained weights.npz: start from its body (transfer)"
+    )
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out-dir", required=True, type=Path)
     p.add_argument("--checkpoint-dir", required=True, type=Path)
@@ -73,6 +77,12 @@ def main(argv=None) -> None:
             adapter = adapter_class(spec, args.options, args.seed, args.threads)
         except ValueError as err:  # adapters reject bad options with ValueError
             raise RunnerError(f"backend {args.backend!r}: {err}") from err
+        try:
+            transferred = transfer.start_from(
+                adapter, args.backend, spec, args.init, int(training["frozen_groups"])
+            )
+        except transfer.TransferError as err:
+            raise RunnerError(str(err)) from err
         Run(
             adapter=adapter,
             backend=args.backend,
@@ -85,6 +95,7 @@ def main(argv=None) -> None:
             threads=args.threads,
             out_dir=args.out_dir,
             checkpoint_dir=args.checkpoint_dir,
+            transfer=transferred,
         ).train()
     except RunnerError as err:
         print(f"dpscale.runner: error: {err}", file=sys.stderr, flush=True)

@@ -39,6 +39,7 @@ TRAINING_DEFAULTS = {
     "clip_norm": 1.0,
     "augment": False,
     "eval_every": 1,
+    "frozen_groups": 0,
 }
 PRIVACY_REQUIRED = ("private", "sample_rate", "steps", "noise_multiplier", "expected_batch_size")
 
@@ -257,6 +258,7 @@ class Run:
     threads: int
     out_dir: Path
     checkpoint_dir: Path
+    transfer: dict = field(default_factory=dict)  # what runner.transfer did, for metrics.json
 
     def __post_init__(self) -> None:
         p, t = self.privacy, self.training
@@ -579,6 +581,7 @@ class Run:
             "device": a.device(),
             "threads": self.threads,
             "resumes": state["resumes"],
+            **self.transfer,
             **{f"version_{k}": str(v) for k, v in versions.items()},
         }
         out = self.out_dir
