@@ -8,7 +8,6 @@ tests look at.
 from __future__ import annotations
 
 import os
-import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -17,29 +16,6 @@ import pytest
 import yaml
 
 from tests.conftest import PROJECT, SNAKEFILE
-
-FIGURES_INCLUDE = 'include: "rules/figures.smk"'
-REPORT_LINE = 'report: "report/workflow.rst"'
-
-
-def report_snakefile(tmp: Path) -> Path:
-    """The project's Snakefile, or, while it does not yet include figures.smk and the report
-    page, a copy of workflow/ with exactly those two lines added (remove once integrated)."""
-    text = SNAKEFILE.read_text()
-    if FIGURES_INCLUDE in text and REPORT_LINE in text:
-        return SNAKEFILE
-    copy = tmp / "workflow"
-    shutil.rmtree(copy, ignore_errors=True)
-    shutil.copytree(PROJECT / "workflow", copy)
-    anchor = 'include: "rules/report.smk"\n'
-    assert anchor in text, "Snakefile changed: update report_snakefile()"
-    extra = ""
-    if FIGURES_INCLUDE not in text:
-        extra += FIGURES_INCLUDE + "\n"
-    if REPORT_LINE not in text:
-        extra += "\n\n" + REPORT_LINE + "\n"
-    (copy / "Snakefile").write_text(text.replace(anchor, anchor + extra))
-    return copy / "Snakefile"
 
 
 def tiny_config() -> dict:
@@ -88,7 +64,7 @@ def pipeline(tmp_path_factory) -> Pipeline:
     workdir = Path(reuse) if reuse else tmp_path_factory.mktemp("report-wf")
     workdir.mkdir(parents=True, exist_ok=True)
     cfg = tiny_config()
-    pipe = Pipeline(workdir, report_snakefile(workdir), cfg)
+    pipe = Pipeline(workdir, SNAKEFILE, cfg)
     pipe.configfile.write_text(yaml.safe_dump(cfg))
     proc = pipe.run("--cores", "2", "all", "figures")
     assert proc.returncode == 0, proc.stderr[-4000:]
