@@ -23,13 +23,10 @@ def snakemake(workdir: Path, *args: str, timeout: int = 1800) -> subprocess.Comp
 
 @pytest.fixture(scope="module")
 def demo(tmp_path_factory):
-    """The default config with fewer epochs and levels, run once for the module's tests."""
+    """The embedded default exactly as `make run` runs it (no --configfile), once per module."""
     workdir = tmp_path_factory.mktemp("demo")
     cfg = yaml.safe_load((PROJECT / "config/config.yaml").read_text())
-    cfg["training"]["epochs"] = 2
-    cfg["privacy"]["levels"] = ["none", "eps8"]
-    (workdir / "config.yaml").write_text(yaml.safe_dump(cfg))
-    proc = snakemake(workdir, "--cores", "2", "--configfile", str(workdir / "config.yaml"))
+    proc = snakemake(workdir, "--cores", "2")
     assert proc.returncode == 0, proc.stderr[-4000:]
     return workdir, cfg, proc
 
@@ -37,7 +34,12 @@ def demo(tmp_path_factory):
 def test_summary_has_one_row_per_run(demo):
     workdir, cfg, proc = demo
     summary = pd.read_csv(workdir / "results" / cfg["experiment"] / "summary.csv")
-    n_runs = len(cfg["splits"]["profiles"]) * len(cfg["backends"]) * 2 * len(cfg["seeds"])
+    n_runs = (
+        len(cfg["splits"]["profiles"])
+        * len(cfg["backends"])
+        * len(cfg["privacy"]["levels"])
+        * len(cfg["seeds"])
+    )
     assert len(summary) == n_runs
     assert set(summary["backend"]) == set(cfg["backends"])
     assert set(summary["split"]) == set(cfg["splits"]["profiles"])
@@ -70,6 +72,6 @@ def test_every_run_has_the_four_outputs(demo):
 
 def test_rerun_recomputes_nothing(demo):
     workdir, _, _ = demo
-    proc = snakemake(workdir, "--cores", "2", "--configfile", str(workdir / "config.yaml"), "-n")
+    proc = snakemake(workdir, "--cores", "2", "-n")
     assert proc.returncode == 0
     assert "Nothing to be done" in proc.stdout + proc.stderr
