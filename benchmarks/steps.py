@@ -76,8 +76,8 @@ WHY: dict[str, str] = {
     "dpmodel-vmap-xla": (
         "tf.vectorized_map over one-example tapes materializes every example's gradient and the "
         "per-example Conv2DBackpropFilter has no batched kernel (pfor falls back to a while loop "
-        "over examples); TF Privacy's ghost-norm fast path would cut it but its layer registry has "
-        "no Conv2D / GroupNormalization entries: registering norm functions for them is the fix."
+        "over examples); the same backend's mode=ghost (TF Privacy's fast clipping, the default) "
+        "avoids both and is 1.6x faster here; vmap stays as the straightforward DPModel path."
     ),
     "dpmodel-vmap": "as dpmodel-vmap-xla without XLA: every vectorized op runs unfused.",
     "fast-clipping-ghost-xla": (
