@@ -98,7 +98,7 @@ def test_one_row_per_run_with_required_and_config_columns(tmp_path, runs, config
     row = rows[0]
     assert row["model_width"] == "16" and row["training_batch_size"] == "64"
     assert row["training_schedule"] == "cosine"  # a schema default, filled by validation
-    assert json.loads(row["privacy_levels"]) == ["none", "eps8", "eps2"]
+    assert json.loads(row["privacy_levels"]) == config["privacy"]["levels"]
     assert row["experiment"] == "demo"
 
 
