@@ -7,7 +7,6 @@ JSON and are asserted here.
 from __future__ import annotations
 
 import json
-import subprocess
 import textwrap
 
 import dp_accounting
@@ -15,8 +14,7 @@ import pytest
 from dp_accounting.rdp import rdp_privacy_accountant
 
 from dpscale import backends, envs
-from dpscale.workflow import thread_env
-from tests.conftest import venv_python
+from tests.conftest import run_probe
 
 TORCH_BACKENDS = [b for b in ("reference", "opacus") if b in backends.available()]
 TORCH_BACKENDS = [b for b in TORCH_BACKENDS if b in envs.names()]
@@ -46,6 +44,7 @@ PROBE = textwrap.dedent(
     error("unknown_option", lambda: Adapter(spec, {"colour": 1}, 0, 1))
     if name == "opacus":
         error("bad_mode", lambda: Adapter(spec, {"grad_sample_mode": "magic"}, 0, 1))
+        error("bad_fast", lambda: Adapter(spec, {"fast_samplers": "yes"}, 0, 1))
     a = Adapter(spec, {}, 0, 1)
     w = init_weights(spec, 0)
     error("wrong_shape", lambda: a.set_weights({**w, "fc.bias": np.zeros(7, np.float32)}))
@@ -71,15 +70,7 @@ PROBE = textwrap.dedent(
 @pytest.fixture(scope="module", params=TORCH_BACKENDS)
 def probe(request):
     name = request.param
-    proc = subprocess.run(
-        [str(venv_python(name)), "-c", PROBE, name],
-        capture_output=True,
-        text=True,
-        env=thread_env(1),
-        timeout=600,
-    )
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    return name, json.loads(proc.stdout.strip().splitlines()[-1])
+    return name, run_probe(name, PROBE, name)
 
 
 def test_bad_input_gets_one_clear_line(probe):
@@ -94,6 +85,7 @@ def test_bad_input_gets_one_clear_line(probe):
     }
     if name == "opacus":
         expected["bad_mode"] = ["grad_sample_mode", "magic", "hooks, functorch, ghost"]
+        expected["bad_fast"] = ["fast_samplers", "'yes'", "true or false"]
     for key, words in expected.items():
         message = out[key]
         assert message is not None, f"{key}: no error raised"
@@ -161,15 +153,7 @@ FREEZE_CASES = [("reference", {})] + [
 
 
 def _freeze_probe(name: str, options: dict) -> dict:
-    proc = subprocess.run(
-        [str(venv_python(name)), "-c", FREEZE_PROBE, name, json.dumps(options)],
-        capture_output=True,
-        text=True,
-        env=thread_env(1),
-        timeout=600,
-    )
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    return json.loads(proc.stdout.strip().splitlines()[-1])
+    return run_probe(name, FREEZE_PROBE, name, json.dumps(options))
 
 
 @pytest.fixture(scope="module")

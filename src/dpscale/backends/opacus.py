@@ -11,7 +11,9 @@ real rows still takes the noise-only step, via the empty-batch path of Opacus' c
 Options: `grad_sample_mode` "hooks" (default), "functorch" or "ghost" (fast gradient clipping:
 per-sample norms, then a second backward of the coefficient-weighted loss; Opacus 1.6 has ghost
 norm samplers only for Linear and Embedding, so the convs and GroupNorms of this ResNet still
-materialize per-sample gradients for their norms); `device` ("auto", "cpu", "cuda").
+materialize per-sample gradients for their norms); `fast_samplers` (default true: _opacus_fast's
+grouped-convolution Conv2d sampler and copy-free storage, same numbers; false: stock Opacus);
+`device` ("auto", "cpu", "cuda").
 Non-private: plain torch SGD on the same model, hooks off.
 """
 
@@ -30,13 +32,14 @@ from opacus.optimizers import DPOptimizer, DPOptimizerFastGradientClipping
 from opacus.utils.fast_gradient_clipping_utils import DPLossFastGradientClipping
 from torch import nn
 
+from dpscale.backends import _opacus_fast
 from dpscale.backends import _torch_resnet as tr
 from dpscale.backends.base import Adapter as BaseAdapter
 from dpscale.backends.base import Batch, StepConfig
 from dpscale.models.resnet import ResNetSpec, init_weights
 
 MODES = ("hooks", "functorch", "ghost")
-KNOWN_OPTIONS = {"grad_sample_mode", "device"}
+KNOWN_OPTIONS = {"grad_sample_mode", "fast_samplers", "device"}
 
 # Noise only, no behaviour change: the pseudo-RNG is what seeded, reproducible runs need, and
 # the first conv's input never requires grad, which Opacus' full backward hooks report.
@@ -58,7 +61,11 @@ class Adapter(tr.TorchModel, BaseAdapter):
                 f"opacus option grad_sample_mode={self.grad_sample_mode!r}; "
                 f"expected one of {', '.join(MODES)}"
             )
-        self.mode = f"opacus-{self.grad_sample_mode}"
+        fast = self.options.get("fast_samplers", True)
+        if not isinstance(fast, bool):
+            raise ValueError(f"opacus option fast_samplers={fast!r}; expected true or false")
+        _opacus_fast.install(fast)
+        self.mode = f"opacus-{self.grad_sample_mode}" + ("" if fast else "-stock")
         tr.set_threads(threads)
         self._device = tr.pick_device(self.options)
         self.model = tr.ResNet18(spec).to(self._device)
