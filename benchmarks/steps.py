@@ -41,11 +41,14 @@ FEED_GOAL = 0.05  # the runner's feed under 5% of the step time
 # The DP modes each backend offers, as adapter options (see each adapter's module docstring).
 MODES: dict[str, list[dict]] = {
     "reference": [{}],
-    "opacus": [{"grad_sample_mode": m} for m in ("hooks", "functorch", "ghost")],
+    # fast_samplers=false: stock Opacus beside dpscale's samplers (_opacus_fast), same run.
+    "opacus": [{"grad_sample_mode": m} for m in ("hooks", "functorch", "ghost")]
+    + [{"grad_sample_mode": "hooks", "fast_samplers": False}],
     # xla=false (about 10x slower per the adapter) is left out of the default run.
     "tfprivacy": [{"mode": "ghost"}, {"mode": "vmap"}],
-    "objax": [{}, {"use_norm_accumulation": True}],
-    "jax": [{}],
+    # conv="xla": XLA's convolution in the DP step too (the default on CPU is conv_patches).
+    "objax": [{}, {"use_norm_accumulation": True}, {"conv": "xla"}],
+    "jax": [{}, {"conv": "xla"}],
 }
 
 # Why a mode's DP step costs what it does, by the adapter's `mode` label: printed under the table
@@ -57,10 +60,16 @@ WHY: dict[str, str] = {
         "the oracle, kept simple on purpose (a ghost-norm / Book-Keeping pass would cut it)."
     ),
     "opacus-hooks": (
-        "after the ordinary backward, Opacus' hooks rebuild each Conv2d's per-sample gradient from "
-        "unfolded activations and backprops (an einsum per layer, B x Cout x Cin k^2) and clip and "
-        "sum them in Python-level per-parameter loops; ghost norms for Conv2d (not in Opacus 1.6) "
-        "or Book-Keeping (clipped sum as one matmul per layer) would cut it."
+        "the ordinary backward still computes every layer's batch weight gradient, which DP "
+        "discards, then the hooks build each layer's per-sample gradient (dpscale's grouped-"
+        "convolution sampler on large maps, Opacus' unfold + einsum on small ones) and clip and "
+        "sum them in per-parameter loops; Book-Keeping (the clipped sum as one weighted matmul "
+        "per layer, no batch weight gradient) would cut it."
+    ),
+    "opacus-hooks-stock": (
+        "as opacus-hooks, with Opacus' unfold + einsum sampler on every conv (its im2col copy "
+        "dominates on 32x32 maps) and a zero-filled copy of every per-sample gradient into a "
+        "buffer of the module's max batch length; fast_samplers (the default) removes both."
     ),
     "opacus-functorch": (
         "as hooks, but each layer's per-sample gradient comes from functorch vmap(grad) of the "
@@ -71,7 +80,8 @@ WHY: dict[str, str] = {
         "and GroupNorm still materializes per-sample gradients to get their norms (the hooks "
         "cost), and ghost clipping then adds a second backward pass with the clip-weighted loss; "
         "a Conv2d norm sampler (ghost norm from unfolded activations and backprops, chosen per "
-        "layer when T^2 < Cout Cin k^2) would remove the materialization, else prefer hooks."
+        "layer when T^2 < Cout Cin k^2) would remove the materialization, but not the second "
+        "backward; prefer hooks on CPU."
     ),
     "dpmodel-vmap-xla": (
         "tf.vectorized_map over one-example tapes materializes every example's gradient and the "
@@ -89,6 +99,12 @@ WHY: dict[str, str] = {
         "layer) would drop the second backward."
     ),
     "objax-pgv": (
+        "PrivateGradValues vmaps the gradient over examples and materializes B gradients plus, "
+        "with conv_patches, each conv's shifted slices (kh*kw x its input) before clipping; "
+        "ghost norms (norms from activations and output gradients, then one weighted backward) "
+        "would cut it."
+    ),
+    "objax-pgv-xlaconv": (
         "PrivateGradValues with microbatch=1 vmaps the gradient over examples: XLA turns the "
         "per-example conv filter gradients into batch-grouped convolutions, which its CPU backend "
         "runs far slower than one batched conv, and materializes B gradients; norm accumulation "
@@ -100,6 +116,12 @@ WHY: dict[str, str] = {
         "second, weighted backward: two passes, less memory, no less compute on CPU."
     ),
     "jax-vmap": (
+        "vmap(grad) per example under jit materializes B gradients plus, with conv_patches, each "
+        "conv's shifted slices (kh*kw x its input) before clipping; ghost norms / Book-Keeping "
+        "(norms from activations and output gradients, then one clip-weighted backward) would "
+        "cut it."
+    ),
+    "jax-vmap-xlaconv": (
         "vmap(grad) per example under jit: the per-example conv filter gradients become "
         "batch-grouped convolutions that XLA's CPU backend runs far slower than one batched conv, "
         "and all B gradients are materialized before clipping; ghost norms / Book-Keeping (norms "

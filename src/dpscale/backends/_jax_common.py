@@ -155,3 +155,49 @@ def peak_memory_bytes(jax_module) -> int | None:
     except (AttributeError, NotImplementedError, RuntimeError):
         return None
     return int(stats["peak_bytes_in_use"]) if stats and "peak_bytes_in_use" in stats else None
+
+
+# -- convolution as patches x kernel ---------------------------------------------------------
+CONV_IMPLS = ("auto", "xla", "patches")
+
+
+def conv_impls(option: str, platform: str) -> tuple[str, str]:
+    """The `conv` option resolved to (DP step's, everything else's) convolution.
+
+    "auto": patches for the DP step on CPU, where vmap makes XLA's convolution slow, and XLA's
+    own convolution for the rest (non-private steps, prediction) and on other platforms.
+    """
+    if option not in CONV_IMPLS:
+        raise ValueError(f"conv={option!r}; expected one of {', '.join(CONV_IMPLS)}")
+    if option == "auto":
+        return ("patches" if platform == "cpu" else "xla"), "xla"
+    return option, option
+
+
+def conv_patches(jnp, x, w_hwio, stride: int, pad: int, layout: str):
+    """Convolution (symmetric zero padding, no bias) as kh*kw shifted slices times the kernel.
+
+    The same sum as lax.conv_general_dilated, written so that its per-example gradient under
+    vmap is a batched matmul: XLA's CPU backend turns a vmapped convolution's filter gradient
+    into a batch-grouped convolution, several times slower than this (docs/benchmarks.md).
+    `layout` is "NHWC" or "NCHW" for x and the result; `jnp` is the caller's jax.numpy.
+    """
+    kh, kw, cin, cout = w_hwio.shape
+    h_axis = layout.index("H")
+    spatial = [(0, 0)] * 4
+    spatial[h_axis] = spatial[h_axis + 1] = (pad, pad)
+    xp = jnp.pad(x, spatial) if pad else x
+    h_out = (x.shape[h_axis] + 2 * pad - kh) // stride + 1
+    w_out = (x.shape[h_axis + 1] + 2 * pad - kw) // stride + 1
+    shifts = []
+    for a in range(kh):
+        for b in range(kw):
+            index = [slice(None)] * 4
+            index[h_axis] = slice(a, a + stride * (h_out - 1) + 1, stride)
+            index[h_axis + 1] = slice(b, b + stride * (w_out - 1) + 1, stride)
+            shifts.append(xp[tuple(index)])
+    patches = jnp.stack(shifts, axis=1)  # (n, kh*kw, ...x's other axes)
+    kernel = w_hwio.reshape(kh * kw, cin, cout)
+    if layout == "NHWC":
+        return jnp.einsum("nkhwc,kco->nhwo", patches, kernel)
+    return jnp.einsum("nkchw,kco->nohw", patches, kernel)

@@ -15,7 +15,11 @@ This module is dpscale.backends.jax; `import jax` below is the real package (abs
 - Each step function is jitted once per physical shape (clip norm, sigma, B, lr are traced).
 
 Options: `eval_batch_size` (prediction chunk, default 128), `compilation_cache` (true: XLA's
-persistent cache in the venv; false; or a folder).
+persistent cache in the venv; false; or a folder), `conv`: "patches" computes convolutions as
+shifted slices x kernel, whose per-example gradients vmap into batched matmuls instead of XLA
+CPU's slow batch-grouped convolutions; "xla" uses XLA's convolution; "auto" (default): patches
+in the DP step on CPU, XLA's everywhere else (non-private steps, prediction, GPUs). Mode label
+`jax-vmap`, or `jax-vmap-xlaconv` when the DP step uses XLA's convolution.
 """
 
 from __future__ import annotations
@@ -34,14 +38,20 @@ from dpscale.backends.base import Adapter as BaseAdapter
 from dpscale.backends.base import Batch, StepConfig
 from dpscale.models.resnet import GN_EPS, ResNetSpec, blocks, init_weights, param_shapes
 
-KNOWN_OPTIONS = {"eval_batch_size", "compilation_cache"}
+KNOWN_OPTIONS = {"eval_batch_size", "compilation_cache", "conv"}
 CHECKPOINT_FORMAT = "dpscale-jax-1"
 CLIP_EPS = 1e-6  # as the reference: guards 0/0 for an all-zero gradient
 
 
 # -- the model: pure functions, NHWC activations -------------------------------------------
-def conv(x, w, stride: int, pad: int):
-    """Convolution with explicit symmetric padding and a canonical OIHW kernel, no bias."""
+def _conv(x, w, stride: int, pad: int, impl: str = "xla"):
+    """Convolution with explicit symmetric padding and a canonical OIHW kernel, no bias.
+
+    impl "xla": XLA's convolution; "patches": the same sum as shifted slices x kernel, whose
+    per-example gradient vmaps into batched matmuls (_jax_common.conv_patches).
+    """
+    if impl == "patches":
+        return jc.conv_patches(jnp, x, w.transpose(2, 3, 1, 0), stride, pad, "NHWC")
     return lax.conv_general_dilated(
         x, w, (stride, stride), ((pad, pad), (pad, pad)), dimension_numbers=("NHWC", "OIHW", "NHWC")
     )
@@ -70,9 +80,10 @@ def _gn(params, name: str, x, spec: ResNetSpec):
     )
 
 
-def forward(params: dict, x, spec: ResNetSpec):
+def forward(params: dict, x, spec: ResNetSpec, impl: str = "xla"):
     """Logits of the ResNet-18 of dpscale.models.resnet for NHWC images x."""
     relu = jax.nn.relu
+    conv = partial(_conv, impl=impl)
     imagenet = spec.stem_kind == "imagenet"
     x = conv(x, params["conv1.weight"], 2 if imagenet else 1, 3 if imagenet else 1)
     x = relu(_gn(params, "gn1", x, spec))
@@ -98,15 +109,15 @@ def cross_entropy(logits, labels):
 
 
 # -- the DP math: small pure functions ---------------------------------------------------------
-def example_loss(params, x, y, spec):
+def example_loss(params, x, y, spec, impl):
     """Loss of one example (x: (H, W, 3)); vmap(grad(.)) of it gives per-example gradients."""
-    return cross_entropy(forward(params, x[None], spec), y[None])[0]
+    return cross_entropy(forward(params, x[None], spec, impl), y[None])[0]
 
 
-def per_example_grads(params, x, y, spec):
+def per_example_grads(params, x, y, spec, impl):
     """(grads with a leading example axis, losses (n,))."""
-    fn = jax.vmap(jax.value_and_grad(example_loss), in_axes=(None, 0, 0, None))
-    losses, grads = fn(params, x, y, spec)
+    fn = jax.vmap(jax.value_and_grad(example_loss), in_axes=(None, 0, 0, None, None))
+    losses, grads = fn(params, x, y, spec, impl)
     return grads, losses
 
 
@@ -140,20 +151,20 @@ def add_noise(tree, key, std):
     return jax.tree.unflatten(treedef, noisy)
 
 
-@partial(jax.jit, static_argnames="spec")
-def dp_chunk(params, x, y, mask, clip_norm, spec):
+@partial(jax.jit, static_argnames=("spec", "impl"))
+def dp_chunk(params, x, y, mask, clip_norm, spec, impl):
     """(sum over real rows of clipped per-example gradients, sum of their losses)."""
-    grads, losses = per_example_grads(params, x, y, spec)
+    grads, losses = per_example_grads(params, x, y, spec, impl)
     weights = clip_factors(global_norms(grads), clip_norm) * mask
     return weighted_sum(grads, weights), jnp.sum(losses * mask)
 
 
-@partial(jax.jit, static_argnames="spec")
-def nonprivate_chunk(params, x, y, mask, spec):
+@partial(jax.jit, static_argnames=("spec", "impl"))
+def nonprivate_chunk(params, x, y, mask, spec, impl):
     """(gradient of the summed loss over real rows, that loss sum)."""
 
     def loss_sum(p):
-        total = jnp.sum(cross_entropy(forward(p, x, spec), y) * mask)
+        total = jnp.sum(cross_entropy(forward(p, x, spec, impl), y) * mask)
         return total, total
 
     grads, total = jax.grad(loss_sum, has_aux=True)(params)
@@ -197,7 +208,10 @@ class Adapter(BaseAdapter):
         self.params: dict = {}
         self.set_weights(init_weights(spec, seed))
         self._key = jax.random.key(seed)
-        self._predict = jax.jit(partial(forward, spec=spec))
+        option = self.options.get("conv", "auto")
+        self._conv_dp, self._conv = jc.conv_impls(option, jax.default_backend())
+        self.mode = "jax-vmap" if self._conv_dp == "patches" else "jax-vmap-xlaconv"
+        self._predict = jax.jit(partial(forward, spec=spec, impl=self._conv))
         self._step: StepConfig | None = None
         # lr and momentum are injected hyperparameters (traced), so the update compiles once.
         self._tx = optax.inject_hyperparams(optax.sgd)(learning_rate=0.0, momentum=0.0)
@@ -257,9 +271,9 @@ class Adapter(BaseAdapter):
                 continue
             x, y, m = self._device_batch(batch, cfg.physical_batch_size)
             if cfg.private:
-                g, loss = dp_chunk(self.params, x, y, m, cfg.clip_norm, self.spec)
+                g, loss = dp_chunk(self.params, x, y, m, cfg.clip_norm, self.spec, self._conv_dp)
             else:
-                g, loss = nonprivate_chunk(self.params, x, y, m, self.spec)
+                g, loss = nonprivate_chunk(self.params, x, y, m, self.spec, self._conv)
             gsum = g if gsum is None else tree_add(gsum, g)
             loss_sum += float(loss)
             count += n
@@ -284,7 +298,7 @@ class Adapter(BaseAdapter):
 
     def clipped_grad_sum(self, batch: Batch, clip_norm: float) -> dict[str, np.ndarray]:
         x, y, m = self._device_batch(batch, None)
-        g, _ = dp_chunk(self.params, x, y, m, float(clip_norm), self.spec)
+        g, _ = dp_chunk(self.params, x, y, m, float(clip_norm), self.spec, self._conv_dp)
         return {n: np.asarray(g[n], dtype=np.float32) for n in self._shapes}
 
     def reseed(self, seed: int) -> None:

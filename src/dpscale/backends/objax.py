@@ -19,7 +19,11 @@ sigma*C/num_microbatches:
 
 Options: `use_norm_accumulation` (PGV's two-pass mode, default false), `eval_batch_size`
 (prediction chunk, default 128), `compilation_cache` (true: XLA's persistent cache in the venv;
-false; or a folder).
+false; or a folder), `conv`: "patches" computes each Conv2D as shifted slices x kernel, whose
+per-example gradients vmap into batched matmuls instead of XLA CPU's slow batch-grouped
+convolutions; "xla" is objax's own Conv2D; "auto" (default): patches in the DP step on CPU,
+objax's everywhere else (non-private steps, prediction, GPUs). Mode label `objax-pgv`
+(`-normacc` with norm accumulation, `-xlaconv` when the DP step uses objax's Conv2D).
 """
 
 from __future__ import annotations
@@ -42,7 +46,7 @@ from dpscale.models.resnet import GN_EPS, ResNetSpec, blocks, init_weights, para
 # Objax 1.8 calls jax.tree_map, deprecated (not yet removed) in jax 0.5.3.
 warnings.filterwarnings("ignore", message=".*jax.tree_map is deprecated.*")
 
-KNOWN_OPTIONS = {"use_norm_accumulation", "eval_batch_size", "compilation_cache"}
+KNOWN_OPTIONS = {"use_norm_accumulation", "eval_batch_size", "compilation_cache", "conv"}
 CHECKPOINT_FORMAT = "dpscale-objax-1"
 # analyze_dp's own default order list, recorded with its epsilon.
 OBJAX_ORDERS = tuple(inspect.signature(analyze_dp).parameters["orders"].default)
@@ -76,21 +80,33 @@ def _zeros(shape) -> jn.ndarray:
     return jn.zeros(shape, jn.float32)
 
 
-def _conv(cin: int, cout: int, k: int, stride: int, pad: int) -> objax.nn.Conv2D:
-    # Explicit symmetric padding: objax's SAME pads stride-2 convs asymmetrically.
-    return objax.nn.Conv2D(cin, cout, k, strides=stride, padding=pad, use_bias=False, w_init=_zeros)
+class _Conv2D(objax.nn.Conv2D):
+    """objax's Conv2D, or the same sum as shifted slices x kernel (_jax_common.conv_patches),
+    whose per-example gradients vmap into batched matmuls. `impl` is a cell shared by the
+    model's convs, read while a function is traced (so each jitted function keeps its own)."""
+
+    def __init__(self, cin: int, cout: int, k: int, stride: int, pad: int, impl: list[str]):
+        # Explicit symmetric padding: objax's SAME pads stride-2 convs asymmetrically.
+        super().__init__(cin, cout, k, strides=stride, padding=pad, use_bias=False, w_init=_zeros)
+        self.stride_pad = (stride, pad)
+        self.impl = impl
+
+    def __call__(self, x):
+        if self.impl[0] == "patches":
+            return jc.conv_patches(jn, x, self.w.value, *self.stride_pad, "NCHW")
+        return super().__call__(x)
 
 
 class _Block(objax.Module):
-    def __init__(self, spec: ResNetSpec, cin: int, cout: int, stride: int, down: bool):
+    def __init__(self, spec, cin: int, cout: int, stride: int, down: bool, impl: list[str]):
         g = spec.gn_groups(cout)
-        self.conv1 = _conv(cin, cout, 3, stride, 1)
+        self.conv1 = _Conv2D(cin, cout, 3, stride, 1, impl)
         self.gn1 = objax.nn.GroupNorm2D(cout, groups=g, eps=GN_EPS)
-        self.conv2 = _conv(cout, cout, 3, 1, 1)
+        self.conv2 = _Conv2D(cout, cout, 3, 1, 1, impl)
         self.gn2 = objax.nn.GroupNorm2D(cout, groups=g, eps=GN_EPS)
         self.down = down
         if down:
-            self.down_conv = _conv(cin, cout, 1, stride, 0)
+            self.down_conv = _Conv2D(cin, cout, 1, stride, 0, impl)
             self.down_gn = objax.nn.GroupNorm2D(cout, groups=g, eps=GN_EPS)
 
     def __call__(self, x):
@@ -121,12 +137,14 @@ class ResNet18(objax.Module):
     """dpscale.models.resnet's ResNet-18 in objax; takes NHWC images like the other backends."""
 
     def __init__(self, spec: ResNetSpec):
+        self.conv_impl = ["xla"]  # see _Conv2D
+        impl = self.conv_impl
         self.imagenet = spec.stem_kind == "imagenet"
         k, s, p = (7, 2, 3) if self.imagenet else (3, 1, 1)
-        self.conv1 = _conv(spec.in_channels, spec.width, k, s, p)
+        self.conv1 = _Conv2D(spec.in_channels, spec.width, k, s, p, impl)
         self.gn1 = objax.nn.GroupNorm2D(spec.width, groups=spec.gn_groups(spec.width), eps=GN_EPS)
         layout = list(blocks(spec))
-        self.blocks = objax.ModuleList(_Block(spec, *b[1:]) for b in layout)
+        self.blocks = objax.ModuleList(_Block(spec, *b[1:], impl) for b in layout)
         self.fc = objax.nn.Linear(spec.widths()[-1], spec.num_classes, w_init=_zeros)
         named = [
             ("conv1.weight", "conv", self.conv1.w),
@@ -163,13 +181,16 @@ class Adapter(BaseAdapter):
         self._cache_dir = jc.compilation_cache_dir(self.options.get("compilation_cache", True))
         jc.enable_compilation_cache(jax, self._cache_dir)
         self._norm_acc = bool(self.options.get("use_norm_accumulation", False))
-        if self._norm_acc:
-            self.mode = "objax-pgv-normacc"
+        option = self.options.get("conv", "auto")
+        self._conv_dp, self._conv = jc.conv_impls(option, jax.default_backend())
+        self.mode = "objax-pgv" + ("-normacc" if self._norm_acc else "")
+        self.mode += "" if self._conv_dp == "patches" else "-xlaconv"
         self._eval_rows = int(self.options.get("eval_batch_size", 128))
         if self._eval_rows < 1:
             raise ValueError(f"objax option eval_batch_size={self._eval_rows}; expected >= 1")
 
         self.model = ResNet18(spec)
+        self.model.conv_impl[0] = self._conv
         self._shapes = param_shapes(spec)
         self.model_vars = self.model.vars()
         # Gradients (GradValues, PGV) and Momentum come in the order of the trainable variables.
@@ -258,10 +279,12 @@ class Adapter(BaseAdapter):
             # PGV reads l2_norm_clip while tracing: a traced value makes one compile serve
             # every clip norm (the conformance suite asks for two).
             pgv.l2_norm_clip = clip_norm
+            self.model.conv_impl[0] = self._conv_dp  # likewise the DP step's convolutions
             try:
                 g, values = pgv(x, y, m)
             finally:
                 pgv.l2_norm_clip = 1.0
+                self.model.conv_impl[0] = self._conv
             rows = x.shape[0]  # PGV averaged over all rows; padding rows added zeros
             return [gi * rows for gi in g], values[0] * rows
 
