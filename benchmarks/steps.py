@@ -93,10 +93,10 @@ WHY: dict[str, str] = {
     "fast-clipping-ghost-xla": (
         "TF Privacy's fast clipping runs two passes: a forward/backward whose registry "
         "functions compute per-example norms (for the early convs by forming each example's "
-        "kernel gradient from extract_patches im2col, 9x the activations for 3x3 convs), then a "
-        "second backward of the clip-weighted loss; forming the clipped sum from the first "
-        "pass' patches and output gradients (Book-Keeping: sum_i c_i A_i^T G_i, one einsum per "
-        "layer) would drop the second backward."
+        "kernel gradient from im2col patches, 9x the activations for 3x3 convs), then a second "
+        "backward of the clip-weighted loss; forming the clipped sum from the first pass' "
+        "patches and output gradients (Book-Keeping: sum_i c_i A_i^T G_i, one einsum per layer) "
+        "would drop the second backward."
     ),
     "objax-pgv": (
         "PrivateGradValues vmaps the gradient over examples and materializes B gradients plus, "

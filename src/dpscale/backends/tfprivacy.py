@@ -94,7 +94,8 @@ def epochs_for_steps(sample_rate: float, steps: int) -> float:
 
 
 def conv2d_computation(layer_instance, input_args, input_kwargs, tape, num_microbatches=None):
-    """Conv2D (no bias, no activation): per-example ||A_i^T G_i||^2 over im2col patches A_i.
+    """Conv2D (no bias, no activation, valid padding: _keras_resnet pads with ZeroPadding2D):
+    per-example ||A_i^T G_i||^2 over im2col patches A_i.
 
     The convolution is a Dense map of its patches, so TF Privacy's einsum norm helper (which
     picks the cheaper of the ghost Gram trick and materializing per-example gradients) applies.
@@ -105,6 +106,8 @@ def conv2d_computation(layer_instance, input_args, input_kwargs, tape, num_micro
         raise NotImplementedError("Conv2D registry function handles bias-free linear convs only")
     if layer_instance.data_format != "channels_last" or max(layer_instance.dilation_rate) != 1:
         raise NotImplementedError("Conv2D registry function handles NHWC, undilated convs only")
+    if layer_instance.padding != "valid":
+        raise NotImplementedError("Conv2D registry function handles padding='valid' only")
     x = input_args[0]
     base_vars = layer_instance(x)
     tape.watch(base_vars)
@@ -112,12 +115,17 @@ def conv2d_computation(layer_instance, input_args, input_kwargs, tape, num_micro
     def sqr_norm_fn(grads):
         kh, kw = layer_instance.kernel_size
         sh, sw = layer_instance.strides
-        patches = tf.image.extract_patches(
-            x,
-            sizes=[1, kh, kw, 1],
-            strides=[1, sh, sw, 1],
-            rates=[1, 1, 1, 1],
-            padding=layer_instance.padding.upper(),
+        # The im2col patches as kh*kw strided slices: XLA fuses these; tf.image.extract_patches
+        # was the costliest op of the DP step on CPU (DP/NP 3.0x -> 2.0x, same run settings).
+        # The column order differs from extract_patches', which a Frobenius norm ignores.
+        ho, wo = grads.shape[1], grads.shape[2]
+        patches = tf.stack(
+            [
+                x[:, i : i + sh * (ho - 1) + 1 : sh, j : j + sw * (wo - 1) + 1 : sw, :]
+                for i in range(kh)
+                for j in range(kw)
+            ],
+            axis=3,
         )
         # Static sizes: the einsum helper inspects shapes to pick its algorithm.
         n, positions = tf.shape(x)[0], grads.shape[1] * grads.shape[2]
