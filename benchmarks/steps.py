@@ -130,6 +130,15 @@ WHY: dict[str, str] = {
 }
 
 
+def load_note(meta: dict, loads: list[float], threads: int) -> str:
+    """What the load says about the absolute times. The workers' own threads count in the load
+    average they see, so only the run's starting load and what exceeds `threads` is others'."""
+    others = max([meta["loadavg_start"][0], *(x - threads for x in loads)])
+    if others > 0.5:
+        return ": other processes shared these cores, so absolute times are inflated and noisy"
+    return ": no other load to speak of, but absolute times still vary from run to run"
+
+
 def cpu_name() -> str:
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
@@ -347,11 +356,11 @@ def run_lines(meta: dict, runs: list[dict], json_path: Path) -> list[str]:
             f"; rows re-measured or added {x['date']} (load {x['loadavg_start'][0]:.1f})"
             for x in meta.get("appended", [])
         )
-        + f". Raw data: `{shown}`. Other processes share these cores: 1-minute load average "
+        + f". Raw data: `{shown}`. 1-minute load average "
         f"{meta['loadavg_start'][0]:.1f} at the start, {meta['loadavg_end'][0]:.1f} at the end"
         + (f" ({min(loads):.1f}-{max(loads):.1f} across workers)" if loads else "")
-        + ": absolute times are inflated and noisy; the ratios come from interleaved steps in "
-        "one process and are the robust figure.",
+        + load_note(meta, loads, a["threads"])
+        + "; the ratios come from interleaved steps in one process and are the robust figure.",
     ]
     for batch in a["batch_sizes"]:
         rows = [r for r in runs if r["batch_size"] == batch]
