@@ -161,14 +161,16 @@ def peak_memory_bytes(jax_module) -> int | None:
 CONV_IMPLS = ("auto", "xla", "patches")
 
 
-def conv_impls(option: str, platform: str) -> tuple[str, str]:
+def conv_impls(option: str, platform: str, backend: str) -> tuple[str, str]:
     """The `conv` option resolved to (DP step's, everything else's) convolution.
 
     "auto": patches for the DP step on CPU, where vmap makes XLA's convolution slow, and XLA's
     own convolution for the rest (non-private steps, prediction) and on other platforms.
     """
     if option not in CONV_IMPLS:
-        raise ValueError(f"conv={option!r}; expected one of {', '.join(CONV_IMPLS)}")
+        raise ValueError(
+            f"{backend} option conv={option!r}; expected one of {', '.join(CONV_IMPLS)}"
+        )
     if option == "auto":
         return ("patches" if platform == "cpu" else "xla"), "xla"
     return option, option

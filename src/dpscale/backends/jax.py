@@ -209,7 +209,7 @@ class Adapter(BaseAdapter):
         self.set_weights(init_weights(spec, seed))
         self._key = jax.random.key(seed)
         option = self.options.get("conv", "auto")
-        self._conv_dp, self._conv = jc.conv_impls(option, jax.default_backend())
+        self._conv_dp, self._conv = jc.conv_impls(option, jax.default_backend(), "jax")
         self.mode = "jax-vmap" if self._conv_dp == "patches" else "jax-vmap-xlaconv"
         self._predict = jax.jit(partial(forward, spec=spec, impl=self._conv))
         self._step: StepConfig | None = None

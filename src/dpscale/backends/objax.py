@@ -182,7 +182,7 @@ class Adapter(BaseAdapter):
         jc.enable_compilation_cache(jax, self._cache_dir)
         self._norm_acc = bool(self.options.get("use_norm_accumulation", False))
         option = self.options.get("conv", "auto")
-        self._conv_dp, self._conv = jc.conv_impls(option, jax.default_backend())
+        self._conv_dp, self._conv = jc.conv_impls(option, jax.default_backend(), "objax")
         self.mode = "objax-pgv" + ("-normacc" if self._norm_acc else "")
         self.mode += "" if self._conv_dp == "patches" else "-xlaconv"
         self._eval_rows = int(self.options.get("eval_batch_size", 128))
