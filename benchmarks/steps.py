@@ -46,8 +46,9 @@ MODES: dict[str, list[dict]] = {
     + [{"grad_sample_mode": "hooks", "fast_samplers": False}],
     # xla=false (about 10x slower per the adapter) is left out of the default run.
     "tfprivacy": [{"mode": "ghost"}, {"mode": "vmap"}],
-    # conv="xla": XLA's convolution in the DP step too (the default on CPU is conv_patches).
-    "objax": [{}, {"use_norm_accumulation": True}, {"conv": "xla"}],
+    # conv: XLA's convolution vs conv_patches in the DP step (jax: patches by default on CPU;
+    # objax: XLA's by default, as patches did not pay under its jax 0.5.3).
+    "objax": [{}, {"use_norm_accumulation": True}, {"conv": "auto"}],
     "jax": [{}, {"conv": "xla"}],
 }
 
@@ -87,7 +88,7 @@ WHY: dict[str, str] = {
         "tf.vectorized_map over one-example tapes materializes every example's gradient and the "
         "per-example Conv2DBackpropFilter has no batched kernel (pfor falls back to a while loop "
         "over examples); the same backend's mode=ghost (TF Privacy's fast clipping, the default) "
-        "avoids both and is 1.6x faster here; vmap stays as the straightforward DPModel path."
+        "avoids both and is faster; vmap stays as the straightforward DPModel path."
     ),
     "dpmodel-vmap": "as dpmodel-vmap-xla without XLA: every vectorized op runs unfused.",
     "fast-clipping-ghost-xla": (
@@ -99,17 +100,17 @@ WHY: dict[str, str] = {
         "would drop the second backward."
     ),
     "objax-pgv": (
+        "PrivateGradValues with microbatch=1 vmaps the gradient over examples: XLA turns the "
+        "per-example conv filter gradients into batch-grouped convolutions and materializes B "
+        "gradients (conv=auto's batched-matmul form was no faster under objax's jax 0.5.3); "
+        "ghost norms (norms from activations and backprops, then one weighted backward) would "
+        "cut it."
+    ),
+    "objax-pgv-patches": (
         "PrivateGradValues vmaps the gradient over examples and materializes B gradients plus, "
         "with conv_patches, each conv's shifted slices (kh*kw x its input) before clipping; "
         "ghost norms (norms from activations and output gradients, then one weighted backward) "
         "would cut it."
-    ),
-    "objax-pgv-xlaconv": (
-        "PrivateGradValues with microbatch=1 vmaps the gradient over examples: XLA turns the "
-        "per-example conv filter gradients into batch-grouped convolutions, which its CPU backend "
-        "runs far slower than one batched conv, and materializes B gradients; norm accumulation "
-        "or ghost norms (norms from activations and backprops, then one weighted backward) would "
-        "cut it."
     ),
     "objax-pgv-normacc": (
         "norm accumulation still takes per-example norms through vmapped gradients, then a "

@@ -19,11 +19,12 @@ sigma*C/num_microbatches:
 
 Options: `use_norm_accumulation` (PGV's two-pass mode, default false), `eval_batch_size`
 (prediction chunk, default 128), `compilation_cache` (true: XLA's persistent cache in the venv;
-false; or a folder), `conv`: "patches" computes each Conv2D as shifted slices x kernel, whose
-per-example gradients vmap into batched matmuls instead of XLA CPU's slow batch-grouped
-convolutions; "xla" is objax's own Conv2D; "auto" (default): patches in the DP step on CPU,
-objax's everywhere else (non-private steps, prediction, GPUs). Mode label `objax-pgv`
-(`-normacc` with norm accumulation, `-xlaconv` when the DP step uses objax's Conv2D).
+false; or a folder), `conv`: "xla" (default) is objax's own Conv2D; "patches" computes each
+Conv2D as shifted slices x kernel, whose per-example gradients vmap into batched matmuls
+instead of batch-grouped convolutions; "auto": patches in the DP step on CPU, objax's Conv2D
+everywhere else. Unlike the jax backend's XLA, jax 0.5.3's ran the patches DP step no faster
+here, hence the default. Mode label `objax-pgv` (`-normacc` with norm accumulation, `-patches`
+when the DP step uses patches).
 """
 
 from __future__ import annotations
@@ -181,10 +182,11 @@ class Adapter(BaseAdapter):
         self._cache_dir = jc.compilation_cache_dir(self.options.get("compilation_cache", True))
         jc.enable_compilation_cache(jax, self._cache_dir)
         self._norm_acc = bool(self.options.get("use_norm_accumulation", False))
-        option = self.options.get("conv", "auto")
+        # Default "xla": under jax 0.5.3 the patches path did not pay here (docs/benchmarks.md).
+        option = self.options.get("conv", "xla")
         self._conv_dp, self._conv = jc.conv_impls(option, jax.default_backend(), "objax")
         self.mode = "objax-pgv" + ("-normacc" if self._norm_acc else "")
-        self.mode += "" if self._conv_dp == "patches" else "-xlaconv"
+        self.mode += "-patches" if self._conv_dp == "patches" else ""
         self._eval_rows = int(self.options.get("eval_batch_size", 128))
         if self._eval_rows < 1:
             raise ValueError(f"objax option eval_batch_size={self._eval_rows}; expected >= 1")
