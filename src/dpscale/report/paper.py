@@ -69,8 +69,16 @@ def _matches(summary: pd.DataFrame, match: Mapping) -> pd.Series:
                 f"paper: match key {column!r} is not a summary.csv column; expected one of "
                 f"{', '.join(summary.columns[:12])}, ..."
             )
-        keep &= summary[column].astype(str) == str(value)
+        keep &= _equal(summary[column], value)
     return keep
+
+
+def _equal(column: pd.Series, value) -> pd.Series:
+    """Cells equal to a config value: numbers as numbers (a float column with empty cells reads
+    8 as 8.0), everything else as text."""
+    if isinstance(value, int | float) and not isinstance(value, bool):
+        return pd.to_numeric(column, errors="coerce") == value
+    return column.astype(str) == str(value)
 
 
 def _first(rows: pd.DataFrame, column: str):
