@@ -7,11 +7,12 @@ for jax), so everything here is plain numpy/stdlib and works under either.
 from __future__ import annotations
 
 import os
-import sys
 import tempfile
 from pathlib import Path
 
 import numpy as np
+
+from dpscale.backends._xla_cache import cache_dir
 
 # XLA's CPU client has no "use N threads" option: the pool is sized by the CPUs the process may
 # run on (a SLURM cgroup or taskset bounds it). One thread can be forced with these two flags.
@@ -41,19 +42,8 @@ def configure_threads(threads: int) -> bool:
 
 
 def compilation_cache_dir(option) -> str | None:
-    """Where XLA's persistent compilation cache lives, or None if the option turns it off.
-
-    Default: $JAX_COMPILATION_CACHE_DIR, else `jax-cache/` in the running venv (keyed by the
-    requirements' hash, so by the JAX version). Every training job of a grid compiles the
-    same shapes; with the cache only the first one pays (Objax's PGV: ~1.5 CPU-minutes).
-    """
-    if option is False or option is None:
-        return None
-    if isinstance(option, str):
-        return option
-    if option is not True:
-        raise ValueError(f"option compilation_cache={option!r}; expected true, false or a path")
-    return os.environ.get("JAX_COMPILATION_CACHE_DIR") or str(Path(sys.prefix) / "jax-cache")
+    """XLA's persistent cache for JAX (_xla_cache.cache_dir; $JAX_COMPILATION_CACHE_DIR wins)."""
+    return cache_dir(option, "JAX_COMPILATION_CACHE_DIR", "jax-cache")
 
 
 def enable_compilation_cache(jax_module, path: str | None) -> None:

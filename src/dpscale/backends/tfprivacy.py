@@ -15,7 +15,12 @@ padding rows get per-example loss weight 0 (zero gradient, and clipping divides 
 max(0/C, 1) = 1, so they contribute exactly 0; a tf.where drops them again to be safe).
 
 Options: `xla` (default true): compile the gradient functions with XLA (about 10x faster for
-the per-example path on CPU); `predict_batch` (default 256): rows per inference call.
+the per-example path on CPU); `predict_batch` (default 256): rows per inference call;
+`compilation_cache` (true: XLA's persistent cache, $TF_XLA_CACHE_DIR or `tf-xla-cache/<host>`
+in the venv, so the jobs of a grid after the first skip the ~10-25 s compiles; false; or a
+folder). On loading a cached program TensorFlow logs an error line about the target machine
+feature `+prefer-no-gather`: a tuning flag the host check does not know, harmless on the host
+that compiled it; the folder is keyed by the host's CPU so other hosts never load it.
 """
 
 from __future__ import annotations
@@ -50,11 +55,12 @@ from tensorflow_privacy.privacy.fast_gradient_clipping.registry_functions import
 from tensorflow_privacy.privacy.keras_models.dp_keras_model import DPModel  # noqa: E402
 
 from dpscale.backends import _keras_resnet as kr  # noqa: E402
+from dpscale.backends._xla_cache import cache_dir  # noqa: E402
 from dpscale.backends.base import Adapter as BaseAdapter  # noqa: E402
 from dpscale.backends.base import Batch, StepConfig  # noqa: E402
 from dpscale.models.resnet import ResNetSpec, init_weights  # noqa: E402
 
-KNOWN_OPTIONS = {"mode", "xla", "predict_batch"}
+KNOWN_OPTIONS = {"mode", "xla", "predict_batch", "compilation_cache"}
 MODES = ("ghost", "vmap")
 DEFAULT_MODE = "ghost"
 MODE_LABELS = {"ghost": "fast-clipping-ghost", "vmap": "dpmodel-vmap"}
@@ -62,6 +68,16 @@ CHECKPOINT_FORMAT = "dpscale-tfprivacy-1"
 ACCOUNTANT = (
     "tensorflow_privacy compute_dp_sgd_privacy_statement (RDP, dp_accounting default orders)"
 )
+
+
+def enable_compilation_cache(path: str | None) -> None:
+    """Point XLA's persistent cache at `path` (no-op for None). TF parses TF_XLA_FLAGS at the
+    first XLA compile, not at import, so this works until then; later it changes nothing."""
+    if path is None:
+        return
+    flags = [f for f in os.environ.get("TF_XLA_FLAGS", "").split() if "persistent_cache" not in f]
+    flags.append(f"--tf_xla_persistent_cache_directory={path}")
+    os.environ["TF_XLA_FLAGS"] = " ".join(flags)
 
 
 def set_threads(threads: int) -> None:
@@ -363,6 +379,10 @@ class Adapter(BaseAdapter):
         if self._predict_batch < 1:
             raise ValueError(f"tfprivacy option predict_batch={self._predict_batch}; expected >= 1")
         self.mode = MODE_LABELS[mode] + ("-xla" if xla else "")
+        self._cache_dir = cache_dir(
+            self.options.get("compilation_cache", True), "TF_XLA_CACHE_DIR", "tf-xla-cache"
+        )
+        enable_compilation_cache(self._cache_dir)
         set_threads(threads)
         key = (spec, mode, xla)
         if key not in _ENGINES:
@@ -571,4 +591,5 @@ class Adapter(BaseAdapter):
         ):
             with contextlib.suppress(metadata.PackageNotFoundError):
                 out[pkg] = metadata.version(pkg)
+        out["xla_compilation_cache"] = self._cache_dir or "off"
         return out
