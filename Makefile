@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 CORES ?= all
 
-.PHONY: run test envs lint format clean
+.PHONY: run test test-system envs lint format clean
 
 EXP := $(shell sed -n 's/^experiment: *//p' config/config.yaml)
 
@@ -13,9 +13,14 @@ run: $(BIN)/.installed
 	$(BIN)/snakemake --cores $(CORES) --report results/$(EXP)/report.html
 	@echo "dpscale: report at $(CURDIR)/results/$(EXP)/report.html"
 
-# Everything, the local SLURM cluster's tests included (tests/slurm starts it as root).
-test: $(BIN)/.installed envs
+# Everything, the local SLURM cluster's tests included (tests/slurm starts it as root). The
+# system packages of the browser and SLURM tests download while the venvs build.
+test: $(BIN)/.installed
+	$(MAKE) --no-print-directory -j2 envs test-system
 	$(BIN)/python -m pytest
+
+test-system:
+	bash scripts/install-test-system.sh
 
 # Per-backend venvs, built by the pipeline's own rule (the same one `make run` uses).
 envs: $(BIN)/.installed

@@ -9,13 +9,7 @@ if [ -x "$CHROMIUM" ]; then
     echo "$CHROMIUM"
     exit 0
 fi
-if [ "$(id -u)" -ne 0 ]; then
-    echo "install-chromium.sh: $CHROMIUM is missing and installing it needs root (apt-get)" >&2
-    exit 1
-fi
-export DEBIAN_FRONTEND=noninteractive
-apt-get update -q >&2
-apt-get install -y -q --no-install-recommends chromium fonts-dejavu-core >&2
+"$(dirname "$0")/apt-install.sh" --no-recommends chromium fonts-dejavu-core
 if [ ! -x "$CHROMIUM" ]; then
     echo "install-chromium.sh: apt-get installed chromium but $CHROMIUM is still missing" >&2
     exit 1

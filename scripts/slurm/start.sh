@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # Start a single-node SLURM cluster on this machine (as root): munged, MariaDB, slurmdbd,
 # slurmctld and slurmd, with accounting on (so `sacct` answers) and 2 fake GPUs.
-# Installs Debian's packages if missing. Idempotent: daemons already running (by their pid
-# files) are left alone, so a second start is a no-op. Stop with scripts/slurm/stop.sh.
+# Installs Debian's packages if missing (`--install-only`: that, and start nothing). Idempotent:
+# daemons already running (by their pid files) are left alone, so a second start is a no-op.
+# Stop with scripts/slurm/stop.sh.
 set -euo pipefail
 source "$(dirname "$0")/common.sh"
 
@@ -30,17 +31,8 @@ wait_for() {
 }
 
 # --- packages ----------------------------------------------------------------------------------
-PACKAGES=(munge slurmctld slurmd slurm-client slurmdbd mariadb-server)
-missing=()
-for p in "${PACKAGES[@]}"; do
-    dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
-done
-if ((${#missing[@]})); then
-    log "installing ${missing[*]}"
-    export DEBIAN_FRONTEND=noninteractive
-    apt-get update -qq
-    apt-get install -y -qq "${missing[@]}" >/dev/null
-fi
+"$HERE/../apt-install.sh" munge slurmctld slurmd slurm-client slurmdbd mariadb-server
+[[ ${1:-} == --install-only ]] && exit 0
 
 mkdir -p /run/munge /run/slurm /run/mysqld /var/lib/slurm/slurmctld /var/lib/slurm/slurmd \
     /var/log/slurm /var/log/munge "$ETC"

@@ -19,13 +19,22 @@ The output (npz; `<key>/<name>` are canonical weight-shaped arrays):
   chunks by complementary masks (= -grad/B: accumulation over chunks);
   `dp_update_padding_chunk/*`: the same with an all-padding chunk between the two (= dp_update);
 - `nonprivate_update/*`, `nonprivate_loss`: one non-private step over the same two chunks;
+- `example<i>/*`: the unclipped gradient of real row i alone (a one-row mask), from which the
+  tests clip per example in numpy, independently of the backend;
 - `noise_update/*`: one DP step with sigma on an all-padding chunk (= -noise/B, std sigma*C/B);
   `noise_update_again/*` the same after reseed(seed) (must be identical), `noise_update_other/*`
   after reseed(seed + 1) (must differ), `noise_update_2chunks/*` over two all-padding chunks
   (noise once per logical step: same std);
+- `noise_real_<k>/*` for k in NOISE_CHUNKS: a DP step with sigma over the real rows cut into k
+  chunks (junk padding in each), minus the same step with sigma 0 (`dp_update_<k>chunks/*`):
+  the noise alone, std sigma*C/B whatever k, drawn after reseed(seed + 10 + k);
+- `trajectory_dp/*`, `trajectory_nonprivate/*` (+ `_losses`): the weight change over
+  TRAJECTORY["steps"] noise-free steps over the two chunks, momentum 0.9, learning rates from
+  the runner's schedule (warm-up, then cosine): lr, momentum and their interplay;
 - `resume_max_abs`, `resume_preload_max_abs`: a step after load_checkpoint in a fresh adapter
   (setup then load, and load then setup) against the unbroken adapter's step;
-- `meta`: JSON with mode, device, versions, backend_epsilon for (q=0.01, 100 steps, 1e-5).
+- `meta`: JSON with mode, device, versions, and backend_epsilons: the backend's own epsilon for
+  each query of EPS_QUERIES (None where it has no accountant of its own).
 """
 
 from __future__ import annotations
@@ -42,11 +51,24 @@ import numpy as np
 from dpscale import backends
 from dpscale.backends.base import Batch, StepConfig
 from dpscale.models.resnet import ResNetSpec
+from dpscale.runner import schedule
 
 #: a clip norm no per-example gradient of a tiny model reaches: clipping becomes the identity
 NO_CLIP = 1e9
-#: the privacy question asked of every backend's own accountant
-EPS_QUERY = {"sample_rate": 0.01, "steps": 100, "delta": 1e-5}
+#: the privacy questions asked of every backend's own accountant: the step count and the rate
+#: both matter, so an accountant that ignores either (or composes once) is caught. Rates stay at
+#: or below 0.02: above it Opacus' series for fractional RDP orders parts from dp_accounting's
+#: (1.5e-5 relative at q=0.05, 300 steps, where the best order is 5.8; 1e-8 at q=0.02).
+EPS_QUERIES = (
+    {"sample_rate": 0.01, "steps": 10, "delta": 1e-5},
+    {"sample_rate": 0.01, "steps": 100, "delta": 1e-5},
+    {"sample_rate": 0.01, "steps": 2000, "delta": 1e-5},
+    {"sample_rate": 0.02, "steps": 300, "delta": 1e-6},
+)
+#: logical steps whose real rows are cut into this many chunks, for the noise with real rows
+NOISE_CHUNKS = (1, 2, 3)
+#: the noise-free trajectory: its length, warm-up, momentum and peak learning rates
+TRAJECTORY = {"steps": 5, "warmup": 2, "momentum": 0.9, "lr_dp": 0.5, "lr_nonprivate": 0.1}
 
 
 def make_case(
@@ -101,12 +123,21 @@ def read_case(path: Path) -> dict:
         }
 
 
-def split_chunk(batch: Batch) -> list[Batch]:
-    """Two chunks of the same physical size whose real rows together are the batch's."""
-    real = np.flatnonzero(batch.mask)
-    first = np.zeros_like(batch.mask)
-    first[real[: len(real) // 2]] = True
-    return [Batch(batch.x, batch.y, first), Batch(batch.x, batch.y, batch.mask & ~first)]
+def split_chunks(batch: Batch, k: int) -> list[Batch]:
+    """k chunks of the batch's physical size whose real rows together are the batch's (each
+    chunk keeps the others' rows, and the padding's junk, as padding)."""
+    chunks = []
+    for rows in np.array_split(np.flatnonzero(batch.mask), k):
+        mask = np.zeros_like(batch.mask)
+        mask[rows] = True
+        chunks.append(Batch(batch.x, batch.y, mask))
+    return chunks
+
+
+def trajectory_lrs(peak: float) -> list[float]:
+    """The runner's learning rates (linear warm-up, then cosine) for the trajectory's steps."""
+    n, warm = TRAJECTORY["steps"], TRAJECTORY["warmup"]
+    return [schedule.learning_rate(s, n, peak, "cosine", warm) for s in range(n)]
 
 
 def padding_only(batch: Batch) -> Batch:
@@ -136,7 +167,7 @@ def run(backend: str, case: dict, options: dict, threads: int = 1, log=sys.stder
     spec, w0, batch = case["spec"], case["weights"], case["batch"]
     C, sigma, B, seed = case["clip_norm"], case["sigma"], case["expected_batch_size"], case["seed"]
     P = len(batch.x)
-    chunks, empty = split_chunk(batch), padding_only(batch)
+    chunks, empty = split_chunks(batch, 2), padding_only(batch)
     out: dict[str, np.ndarray] = {}
 
     def put(prefix: str, arrays: dict) -> None:
@@ -157,7 +188,11 @@ def run(backend: str, case: dict, options: dict, threads: int = 1, log=sys.stder
     say("logits")
     put("grad", adapter.clipped_grad_sum(batch, C))
     put("grad_unclipped", adapter.clipped_grad_sum(batch, NO_CLIP))
-    say("clipped gradient sums")
+    for i in np.flatnonzero(batch.mask):
+        one = np.zeros_like(batch.mask)
+        one[i] = True
+        put(f"example{i}", adapter.clipped_grad_sum(Batch(batch.x, batch.y, one), NO_CLIP))
+    say("clipped gradient sums, per-example gradients")
 
     adapter.setup_training(StepConfig(True, C, 0.0, B, 0.0, P))
     update, out["dp_loss"] = step_from(adapter, chunks)
@@ -168,6 +203,18 @@ def run(backend: str, case: dict, options: dict, threads: int = 1, log=sys.stder
     put("nonprivate_update", update)
     say("noise-free DP step and non-private step")
 
+    for key, private, peak in [
+        ("trajectory_dp", True, TRAJECTORY["lr_dp"]),
+        ("trajectory_nonprivate", False, TRAJECTORY["lr_nonprivate"]),
+    ]:
+        adapter.setup_training(StepConfig(private, C, 0.0, B, TRAJECTORY["momentum"], P))
+        adapter.set_weights(w0)
+        out[f"{key}_losses"] = np.array(
+            [adapter.train_step(chunks, lr) for lr in trajectory_lrs(peak)]
+        )
+        put(key, _delta(adapter.get_weights(), w0))
+    say("noise-free trajectories with momentum and a schedule")
+
     adapter.setup_training(StepConfig(True, C, sigma, B, 0.0, P))
     for key, reseed, batches in [
         ("noise_update", seed, [empty]),
@@ -177,7 +224,18 @@ def run(backend: str, case: dict, options: dict, threads: int = 1, log=sys.stder
     ]:
         adapter.reseed(reseed)
         put(key, step_from(adapter, batches)[0])
-    say("noise-only steps")
+    # The noise of steps with real rows: the sigma step minus the same step without noise.
+    adapter.setup_training(StepConfig(True, C, 0.0, B, 0.0, P))
+    free = {}
+    for k in NOISE_CHUNKS:
+        free[k] = step_from(adapter, split_chunks(batch, k))[0]
+        put(f"dp_update_{k}chunks", free[k])
+    adapter.setup_training(StepConfig(True, C, sigma, B, 0.0, P))
+    for k in NOISE_CHUNKS:
+        adapter.reseed(seed + 10 + k)
+        noisy = step_from(adapter, split_chunks(batch, k))[0]
+        put(f"noise_real_{k}", {n: noisy[n] - free[k][n] for n in noisy})
+    say("noise-only steps, and the noise of steps with real rows")
 
     # Resume: a step after loading a checkpoint must equal the unbroken adapter's step.
     train_cfg = StepConfig(True, C, sigma, B, 0.9, P)
@@ -210,8 +268,8 @@ def run(backend: str, case: dict, options: dict, threads: int = 1, log=sys.stder
         "mode": adapter.mode,
         "device": adapter.device(),
         "versions": adapter.versions(),
-        "epsilon_query": EPS_QUERY,
-        "backend_epsilon": adapter.backend_epsilon(**EPS_QUERY),
+        "epsilon_queries": EPS_QUERIES,
+        "backend_epsilons": [adapter.backend_epsilon(**q) for q in EPS_QUERIES],
         "seconds": time.perf_counter() - start,
     }
     out["meta"] = np.array(json.dumps(meta))

@@ -11,13 +11,8 @@ import textwrap
 
 import pytest
 
-from dpscale import backends, envs
-from tests.conftest import run_probe
-
-pytestmark = pytest.mark.skipif(
-    not ({"opacus"} <= set(backends.available()) & set(envs.names())),
-    reason="the opacus backend is not configured",
-)
+from tests import jobs
+from tests.conftest import probe_job, run_probe
 
 PROBE = textwrap.dedent(
     """
@@ -93,6 +88,12 @@ PROBE = textwrap.dedent(
     print(json.dumps(out))
     """
 )
+
+
+@jobs.source
+def _probe_jobs(item):
+    if item.module.__name__ == __name__ and "probe" in item.fixturenames:
+        yield probe_job("opacus", PROBE)
 
 
 @pytest.fixture(scope="module")

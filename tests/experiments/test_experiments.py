@@ -8,8 +8,6 @@ ImageNet-sized data it needs is given here as a tiny generated image folder.
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -17,7 +15,8 @@ import pandas as pd
 import pytest
 import yaml
 
-from tests.conftest import PROJECT, SNAKEFILE
+from tests import jobs
+from tests.conftest import PROJECT, snakemake_cmd
 from tests.datagen import make_imagefolder
 
 pytestmark = pytest.mark.slow
@@ -29,32 +28,85 @@ def config_of(name: str) -> Path:
     return PROJECT / f"config/experiments/{name}.yaml"
 
 
-def snakemake(workdir: Path, *args: str, timeout: int = 1800) -> subprocess.CompletedProcess:
-    cmd = [sys.executable, "-m", "snakemake", "-s", str(SNAKEFILE), "-d", str(workdir), *args]
-    return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
+def snakemake(workdir: Path, *args: str, cores: int = 1, timeout: int = 1800):
+    return jobs.run(snakemake_cmd(workdir, *args), threads=cores, timeout=timeout)
 
 
-@pytest.fixture(scope="module")
-def data_overlay(tmp_path_factory) -> Path:
+def data_overlay() -> Path:
     """A second config file pointing dataset.path at a tiny class-per-folder tree."""
-    root = tmp_path_factory.mktemp("imagefolder")
-    folder = make_imagefolder(root / "train", {"n01": 2, "n02": 2}, size=(10, 8))
+    root = jobs.workdir("imagefolder")
     overlay = root / "data.yaml"
-    overlay.write_text(yaml.safe_dump({"dataset": {"path": str(folder)}}))
+    if not overlay.exists():
+        folder = make_imagefolder(root / "train", {"n01": 2, "n02": 2}, size=(10, 8))
+        jobs.write_once(
+            overlay, lambda f: f.write(yaml.safe_dump({"dataset": {"path": str(folder)}}).encode())
+        )
     return overlay
+
+
+def plan_job(configfile: Path, scale: str) -> jobs.Job:
+    """`snakemake -n` of an experiment at a scale (a dry run: one core, seconds)."""
+
+    def run():
+        files = [str(configfile)]
+        if scale == "paper" and "path" in yaml.safe_load(configfile.read_text())["dataset"]:
+            files.append(str(data_overlay()))
+        workdir = jobs.workdir(f"plan-{configfile.stem}-{scale}")
+        return snakemake(workdir, "-n", "--configfile", *files, "--config", f"scale={scale}")
+
+    return jobs.Job(f"plan {configfile.stem} {scale}", run)
+
+
+class Smoke:
+    """One experiment run at smoke scale in its own working directory, on every core."""
+
+    def __init__(self, name: str):
+        self.name, self.workdir = name, jobs.workdir(f"smoke-{name}")
+        self.results = self.workdir / "results" / name
+        cores = jobs.pool().cores
+        args = ("--configfile", str(config_of(name)), "--config", "scale=smoke")
+        self.proc = snakemake(self.workdir, *args, "--cores", str(cores), cores=1)
+        assert self.proc.returncode == 0, (self.proc.stdout + self.proc.stderr)[-4000:]
+        self.summary = pd.read_csv(self.results / "summary.csv")
+
+    def csv(self, name: str) -> pd.DataFrame:
+        return pd.read_csv(self.results / name)
+
+
+def smoke_job(name: str) -> jobs.Job:
+    return jobs.Job(f"smoke {name}", lambda: Smoke(name), cores=None)
+
+
+# fixture -> experiment
+SMOKE_RUNS = {
+    "virtual_batch": "kurakin-virtual-batch",
+    "naive_eps": "kurakin-naive-eps",
+    "frameworks": "frameworks-resnet18",
+    "imbalance": "imbalance",
+    "membership": "membership",
+    "transfer": "kurakin-transfer",
+}
+
+
+@jobs.source
+def _experiment_jobs(item):
+    if item.module.__name__ != __name__:
+        return
+    params = getattr(item, "callspec", None)
+    if params is not None and {"configfile", "scale"} <= set(params.params):
+        yield plan_job(params.params["configfile"], params.params["scale"])
+    for fixture, name in SMOKE_RUNS.items():
+        if fixture in item.fixturenames:
+            yield smoke_job(name)
 
 
 @pytest.mark.parametrize("scale", ["paper", "smoke"])
 @pytest.mark.parametrize("configfile", EXPERIMENTS, ids=lambda p: p.stem)
-def test_experiment_plans_its_jobs_at_both_scales(tmp_path, configfile, scale, data_overlay):
-    files = [str(configfile)]
-    cfg = yaml.safe_load(configfile.read_text())
-    if scale == "paper" and "path" in cfg["dataset"]:
-        files.append(str(data_overlay))
-    proc = snakemake(tmp_path, "-n", "--configfile", *files, "--config", f"scale={scale}")
+def test_experiment_plans_its_jobs_at_both_scales(configfile, scale):
+    proc = jobs.result(plan_job(configfile, scale))
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "train_" in proc.stdout
-    if cfg.get("paper"):
+    if yaml.safe_load(configfile.read_text()).get("paper"):
         assert "paper_comparison" in proc.stdout
 
 
@@ -71,35 +123,16 @@ def test_an_unknown_scale_is_a_clear_error(tmp_path):
     assert "config error: scale: 'huge' is not defined in scales" in proc.stdout + proc.stderr
 
 
-class Smoke:
-    """One experiment run at smoke scale in its own working directory."""
-
-    def __init__(self, name: str, workdir: Path):
-        self.name, self.workdir = name, workdir
-        self.results = workdir / "results" / name
-        args = ("--configfile", str(config_of(name)), "--config", "scale=smoke", "--cores", "2")
-        self.proc = snakemake(workdir, *args)
-        assert self.proc.returncode == 0, (self.proc.stdout + self.proc.stderr)[-4000:]
-        self.summary = pd.read_csv(self.results / "summary.csv")
-
-    def csv(self, name: str) -> pd.DataFrame:
-        return pd.read_csv(self.results / name)
-
-
 def smoke(name: str):
     @pytest.fixture(scope="module")
-    def run(tmp_path_factory) -> Smoke:
-        return Smoke(name, tmp_path_factory.mktemp(name))
+    def run() -> Smoke:
+        return jobs.result(smoke_job(name))
 
     return run
 
 
-virtual_batch = smoke("kurakin-virtual-batch")
-naive_eps = smoke("kurakin-naive-eps")
-frameworks = smoke("frameworks-resnet18")
-imbalance = smoke("imbalance")
-membership = smoke("membership")
-transfer = smoke("kurakin-transfer")
+for _fixture, _name in SMOKE_RUNS.items():
+    globals()[_fixture] = smoke(_name)
 
 
 def _paper_table_has_both_columns(run: Smoke) -> pd.DataFrame:

@@ -1,5 +1,5 @@
-"""Every figure function on the outputs of a tiny real run (reference + opacus on digits), and
-the figure files the workflow's rules wrote."""
+"""Every figure function on the outputs of the session's shared run of the embedded default
+(every backend on digits), and the figure files the workflow's rules wrote."""
 
 from __future__ import annotations
 
@@ -19,8 +19,8 @@ pytestmark = pytest.mark.slow
 
 
 @pytest.fixture(scope="module")
-def summary(pipeline):
-    return pd.read_csv(pipeline.results / "summary.csv")
+def summary(demo):
+    return pd.read_csv(demo.results / "summary.csv")
 
 
 def _texts(fig) -> str:
@@ -28,9 +28,9 @@ def _texts(fig) -> str:
     return "\n".join(t.get_text() for t in fig.findobj(plt.Text))
 
 
-def _runs(pipeline, **match) -> list[str]:
+def _runs(demo, **match) -> list[str]:
     out = []
-    for run in pipeline.runs():
+    for run in demo.runs():
         split, backend, level = run.parts[-5:-2]  # .../<split>/<backend>/<level>/<variant>/seed<k>
         keys = {"split": split, "backend": backend, "level": level}
         if all(keys[k] == v for k, v in match.items()):
@@ -45,7 +45,7 @@ def _assert_image(svg, png):
     assert pixels.std() > 5, f"{png} looks blank"
 
 
-def test_accuracy_vs_epsilon(pipeline, summary, tmp_path):
+def test_accuracy_vs_epsilon(demo, summary, tmp_path):
     fig = figures.accuracy_vs_epsilon(summary)
     axes = fig.axes
     assert [ax.get_title() for ax in axes] == ["balanced", "longtail (exp, ρ=10)"]
@@ -54,19 +54,19 @@ def test_accuracy_vs_epsilon(pipeline, summary, tmp_path):
         assert "Poisson sampling" in ax.get_xlabel()
         # One dashed non-private reference per backend, at its mean accuracy.
         dashed = [ln.get_ydata()[0] for ln in ax.get_lines() if ln.get_linestyle() == "--"]
-        assert len(dashed) == len(pipeline.cfg["backends"])
+        assert len(dashed) == len(demo.cfg["backends"])
     nonprivate = summary[(summary["level"] == "none") & (summary["split"] == "balanced")]
     dashed = sorted(ln.get_ydata()[0] for ln in axes[0].get_lines() if ln.get_linestyle() == "--")
     np.testing.assert_allclose(dashed, sorted(nonprivate["test_accuracy"]))
     text = _texts(fig)
     assert "non-private (ε = ∞)" in text
-    for backend in pipeline.cfg["backends"]:
+    for backend in demo.cfg["backends"]:
         assert backend in text
     figures.save(fig, tmp_path / "a.svg", tmp_path / "a.png")
     _assert_image(tmp_path / "a.svg", tmp_path / "a.png")
 
 
-def test_balanced_accuracy_and_epsilon_audit(pipeline, summary):
+def test_balanced_accuracy_and_epsilon_audit(demo, summary):
     fig = figures.accuracy_vs_epsilon(summary, "test_balanced_accuracy")
     assert fig.axes[0].get_ylabel().startswith("test balanced accuracy")
     plt.close(fig)
@@ -83,8 +83,8 @@ def test_balanced_accuracy_and_epsilon_audit(pipeline, summary):
     plt.close(fig)
 
 
-def test_training_curves(pipeline):
-    history = data.history_table(_runs(pipeline, split="longtail"))
+def test_training_curves(demo):
+    history = data.history_table(_runs(demo, split="longtail"))
     assert set(history["epoch"]) == {1, 2}
     fig = figures.training_curves(history)
     titles = [ax.get_title() for ax in fig.axes if ax.get_title()]
@@ -99,7 +99,7 @@ def test_training_curves(pipeline):
     plt.close(fig)
 
 
-def test_runtime_bars_are_the_summary_numbers(pipeline, summary):
+def test_runtime_bars_are_the_summary_numbers(demo, summary):
     fig = figures.seconds_per_epoch(summary)
     heights = sorted(
         round(p.get_height(), 9) for ax in fig.axes for p in ax.patches if p.get_height() > 0
@@ -117,13 +117,13 @@ def test_runtime_bars_are_the_summary_numbers(pipeline, summary):
     plt.close(fig)
 
 
-def test_disparate_impact(pipeline):
-    split_file = pipeline.results / "splits/longtail.npz"
+def test_disparate_impact(demo):
+    split_file = demo.results / "splits/longtail.npz"
     counts, _ = data.read_split(split_file)
     assert counts[0] > counts[-1]  # exp profile, rho 10
-    per_class = data.per_class_table(_runs(pipeline, split="longtail"), split_file)
+    per_class = data.per_class_table(_runs(demo, split="longtail"), split_file)
     drop = data.accuracy_drop(per_class)
-    assert len(drop) == len(counts) * len(pipeline.cfg["backends"])
+    assert len(drop) == len(counts) * len(demo.cfg["backends"])
     assert drop["drop"].between(-1, 1).all()
     fig = figures.disparate_impact(drop)
     ax = fig.axes[0]
@@ -134,10 +134,10 @@ def test_disparate_impact(pipeline):
     plt.close(fig)
 
 
-def test_membership_histograms_and_roc(pipeline):
-    runs = _runs(pipeline, split="balanced", backend="reference")
+def test_membership_histograms_and_roc(demo):
+    runs = _runs(demo, split="balanced", backend="reference")
     scores = data.membership_scores(runs)
-    n_train = pipeline.cfg["splits"]["train_per_class"] * pipeline.cfg["splits"]["classes"]
+    n_train = demo.cfg["splits"]["train_per_class"] * demo.cfg["splits"]["classes"]
     assert (scores["member"] == data.MEMBER).sum() == n_train * 2  # two levels
     fig = figures.membership_histograms(scores)
     titles = [ax.get_title() for ax in fig.axes]
@@ -145,10 +145,10 @@ def test_membership_histograms_and_roc(pipeline):
     assert data.MEMBER in _texts(fig) and data.NON_MEMBER in _texts(fig)
     plt.close(fig)
 
-    roc = data.roc_table(data.membership_scores(_runs(pipeline, split="balanced")))
+    roc = data.roc_table(data.membership_scores(_runs(demo, split="balanced")))
     fig = figures.membership_roc(roc)
     titles = [ax.get_title() for ax in fig.axes]
-    assert [t.split(" ")[0] for t in titles] == sorted(pipeline.cfg["backends"])
+    assert [t.split(" ")[0] for t in titles] == sorted(demo.cfg["backends"])
     legend = _texts(fig)
     for (_backend, _level), rows in roc.groupby(["backend", "level"]):
         assert f"AUC {rows['auc'].iloc[0]:.3f}" in legend
@@ -156,10 +156,10 @@ def test_membership_histograms_and_roc(pipeline):
     plt.close(fig)
 
 
-def test_confusion_matrix_counts_the_test_set(pipeline):
-    runs = _runs(pipeline, split="longtail", backend="opacus", level="eps8")
-    counts = data.confusion_table(runs, pipeline.results / "splits/longtail.npz")
-    n_test = pipeline.cfg["splits"]["test_per_class"]
+def test_confusion_matrix_counts_the_test_set(demo):
+    runs = _runs(demo, split="longtail", backend="opacus", level="eps8")
+    counts = data.confusion_table(runs, demo.results / "splits/longtail.npz")
+    n_test = demo.cfg["splits"]["test_per_class"]
     assert (counts.sum(axis=1) == n_test).all()
     fig = figures.confusion_matrix(counts, "title")
     annotations = [int(t.get_text()) for t in fig.axes[0].texts]
@@ -167,9 +167,9 @@ def test_confusion_matrix_counts_the_test_set(pipeline):
     plt.close(fig)
 
 
-def test_workflow_wrote_every_figure(pipeline):
-    files = sorted((pipeline.results / "figures").rglob("*.svg"))
-    cfg = pipeline.cfg
+def test_workflow_wrote_every_figure(demo):
+    files = sorted((demo.results / "figures").rglob("*.svg"))
+    cfg = demo.cfg
     splits, backends = len(cfg["splits"]["profiles"]), len(cfg["backends"])
     levels = len(cfg["privacy"]["levels"])
     # 2 accuracy, 2 runtime, audit; per split: training, roc, disparate; per split and backend:
@@ -177,7 +177,7 @@ def test_workflow_wrote_every_figure(pipeline):
     assert len(files) == 5 + splits * (3 + backends + backends * levels)
     for svg in files:
         _assert_image(svg, svg.with_suffix(".png"))
-    log = (pipeline.results / "logs/figures/accuracy_vs_epsilon.log").read_text()
+    log = (demo.results / "logs/figures/accuracy_vs_epsilon.log").read_text()
     assert "wrote" in log
 
 

@@ -20,6 +20,8 @@ from pathlib import Path
 import pytest
 
 from dpscale import envs
+from tests import jobs
+from tests.conftest import require
 
 PROJECT = envs.PROJECT
 SCRIPTS = PROJECT / "scripts" / "slurm"
@@ -31,20 +33,36 @@ def _status() -> bool:
     return subprocess.run(["bash", SCRIPTS / "status.sh"], capture_output=True).returncode == 0
 
 
+def cluster_job() -> jobs.Job:
+    """Start the cluster (a no-op if it runs); (the node's CPU count, whether it already ran)."""
+
+    def run() -> tuple[int, bool]:
+        was_running = _status()
+        started = jobs.run(["bash", str(SCRIPTS / "start.sh")], threads=1, timeout=900)
+        if started.returncode != 0:
+            pytest.fail(f"scripts/slurm/start.sh failed:\n{started.stdout}{started.stderr}")
+        cpus = int(subprocess.check_output(["sinfo", "-h", "-o", "%c"], text=True).split()[0])
+        return cpus, was_running
+
+    return jobs.Job("slurm cluster", run)
+
+
+def can_start() -> bool:
+    return os.geteuid() == 0 and bool(shutil.which("apt-get") or shutil.which("slurmctld"))
+
+
+@jobs.source
+def _cluster_job(item):
+    if "slurm_cluster" in item.fixturenames and can_start():
+        yield cluster_job()
+
+
 @pytest.fixture(scope="session")
 def slurm_cluster():
     """A running single-node SLURM cluster; yields the node's CPU count."""
-    if os.geteuid() != 0:
-        pytest.skip("the local SLURM cluster needs root (scripts/slurm/start.sh starts daemons)")
-    if not shutil.which("apt-get") and not shutil.which("slurmctld"):
-        pytest.skip("no SLURM and no apt-get to install it (Debian-based machine expected)")
-    was_running = _status()
-    started = subprocess.run(
-        ["bash", SCRIPTS / "start.sh"], capture_output=True, text=True, timeout=900
-    )
-    if started.returncode != 0:
-        pytest.fail(f"scripts/slurm/start.sh failed:\n{started.stdout}{started.stderr}")
-    cpus = int(subprocess.check_output(["sinfo", "-h", "-o", "%c"], text=True).split()[0])
+    require(os.geteuid() == 0, "the local SLURM cluster needs root (scripts/slurm/start.sh)")
+    require(can_start(), "no SLURM and no apt-get to install it (Debian-based machine expected)")
+    cpus, was_running = jobs.result(cluster_job())
     yield cpus
     if not was_running:
         subprocess.run(["bash", SCRIPTS / "stop.sh"], check=True, timeout=300)

@@ -1,7 +1,8 @@
 """The pipeline itself through the real local SLURM with the project's profile: the embedded
-default (smaller: fewer levels and epochs) completes with every job accounted as COMPLETED, and
-a training job cancelled mid-run is resubmitted and resumes from its checkpoint to the same
-result as the unbroken run."""
+default, cut to a small DAG (one split, one backend, two levels, the summary and one figure),
+completes with every job accounted as COMPLETED, training jobs alone got a GPU and the time
+limit the experiment's size gives, and a training job cancelled mid-run is resubmitted and
+resumes from its checkpoint to the same result as the unbroken run."""
 
 from __future__ import annotations
 
@@ -17,9 +18,12 @@ import pytest
 import yaml
 
 from dpscale.resources import train_minutes
+from tests import jobs
 from tests.slurm.conftest import (
     PROJECT,
+    can_start,
     cancel_jobs_of,
+    cluster_job,
     run_snakemake,
     sacct_field,
     sacct_states,
@@ -53,16 +57,23 @@ JOB_CPUS = 1
 
 
 def small_default() -> dict:
-    """config/config.yaml, smaller to keep CI time down: fewer levels and epochs, fewer images
-    per class, a narrower model, two backends (the cluster is the subject here, the backends are
-    the conformance suite's). Same splits and rules."""
+    """config/config.yaml, smaller to keep CI time down: one split, two levels, two epochs,
+    fewer images per class, a narrower model, one backend (the cluster is the subject here, the
+    backends are the conformance suite's). Same rules."""
     cfg = yaml.safe_load((PROJECT / "config/config.yaml").read_text())
     cfg["privacy"]["levels"] = ["none", "eps8"]
     cfg["training"].update(epochs=2, batch_size=32, physical_batch_size=48)
     cfg["splits"].update(train_per_class=40, holdout_per_class=10, test_per_class=10)
+    cfg["splits"]["profiles"] = {"balanced": cfg["splits"]["profiles"]["balanced"]}
     cfg["model"]["width"] = 8
-    cfg["backends"] = ["reference", "opacus"]
+    cfg["backends"] = ["reference"]
     return cfg
+
+
+def targets(cfg: dict) -> list[str]:
+    """The summary (which needs every run and evaluation) and one figure."""
+    results = f"results/{cfg['experiment']}"
+    return [f"{results}/summary.csv", f"{results}/figures/accuracy_vs_epsilon.svg"]
 
 
 def submissions(output: str) -> list[tuple[str, str]]:
@@ -70,16 +81,33 @@ def submissions(output: str) -> list[tuple[str, str]]:
     return SUBMISSION.findall(output)
 
 
+def pipeline_job() -> jobs.Job:
+    """The small DAG through SLURM, as a job of no cores: it mostly waits for the scheduler and
+    the plugin's status polls, and runs beside the suite's CPU work from the start."""
+
+    def run():
+        jobs.pool().submit(cluster_job(), first=True).result()
+        workdir = jobs.workdir("slurm-default")
+        cfg = small_default()
+        (workdir / "config.yaml").write_text(yaml.safe_dump(cfg))
+        # Targets first: --configfile takes every word after it.
+        args = (*targets(cfg), "--configfile", str(workdir / "config.yaml"))
+        done = run_snakemake(workdir, *args, cpus=JOB_CPUS, timeout=2400)
+        assert done.returncode == 0, (done.stdout + done.stderr)[-4000:]
+        return workdir, cfg, done.stdout + done.stderr
+
+    return jobs.Job("slurm pipeline", run, cores=0)
+
+
+@jobs.source
+def _pipeline_job(item):
+    if "cluster_run" in item.fixturenames and can_start():
+        yield pipeline_job()
+
+
 @pytest.fixture(scope="module")
-def cluster_run(slurm_cluster, tmp_path_factory):
-    workdir = tmp_path_factory.mktemp("slurm-default")
-    cfg = small_default()
-    (workdir / "config.yaml").write_text(yaml.safe_dump(cfg))
-    done = run_snakemake(
-        workdir, "--configfile", str(workdir / "config.yaml"), cpus=JOB_CPUS, timeout=2400
-    )
-    assert done.returncode == 0, (done.stdout + done.stderr)[-4000:]
-    return workdir, cfg, done.stdout + done.stderr
+def cluster_run(slurm_cluster):
+    return jobs.result(pipeline_job())
 
 
 def run_path(
@@ -111,6 +139,8 @@ def test_default_runs_on_slurm_with_every_job_completed(cluster_run):
 
     summary = pd.read_csv(workdir / f"results/{cfg['experiment']}/summary.csv")
     assert len(summary) == n_runs
+    figures = sorted((workdir / f"results/{cfg['experiment']}/figures").rglob("*.svg"))
+    assert figures == [workdir / targets(cfg)[1]], "the one figure asked for"
     assert summary["test_accuracy"].between(0, 1).all()
     private = summary[summary["level"] == "eps8"]
     assert (private["epsilon"] <= 8 + 1e-6).all() and (private["accountant"] == "rdp").all()
@@ -134,7 +164,28 @@ def test_training_jobs_got_a_gpu_and_data_jobs_none(cluster_run):
             assert int(limits[job]) == train_limit, (rule, limits[job])
 
 
-def test_cancelled_training_job_resumes_from_its_checkpoint(cluster_run, slurm_cluster):
+def resume_job() -> jobs.Job:
+    """The cancel-and-resume check: one training job on SLURM that mostly waits (no cores)."""
+
+    def run() -> None:
+        cancelled_training_job_resumes_from_its_checkpoint(
+            jobs.pool().submit(pipeline_job()).result()
+        )
+
+    return jobs.Job("slurm cancel and resume", run, cores=0)
+
+
+@jobs.source
+def _resume_job(item):
+    if item.name == "test_cancelled_training_job_resumes_from_its_checkpoint" and can_start():
+        yield resume_job()
+
+
+def test_cancelled_training_job_resumes_from_its_checkpoint(cluster_run):
+    jobs.result(resume_job())
+
+
+def cancelled_training_job_resumes_from_its_checkpoint(cluster_run) -> None:
     workdir, cfg, _ = cluster_run
     split, backend, level, seed = RESUMED_RUN
     run = run_path(workdir, cfg, split, backend, level, seed)

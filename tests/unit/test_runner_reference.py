@@ -11,7 +11,10 @@ import subprocess
 
 import numpy as np
 import pytest
+from packaging.requirements import Requirement
+from packaging.specifiers import SpecifierSet
 
+from dpscale import envs
 from dpscale.models.resnet import ResNetSpec, num_params, param_shapes
 from dpscale.runner.outputs import HISTORY_COLUMNS, read_history
 from dpscale.runner.plan import epoch_plan
@@ -40,6 +43,17 @@ def train(tmp_path, inputs, name, **overrides):
     args.update(overrides)
     run_step("dpscale.runner", log, venv_python("reference"), 1, **args)
     return out, ck, log.read_text()
+
+
+def pinned(env: str, package: str) -> SpecifierSet:
+    """`package`'s version pin in workflow/envs/<env>.txt, the file its venv is built from."""
+    for line in envs.requirement_files(env)[0].read_text().splitlines():
+        line = line.split("#", 1)[0].strip()
+        if line and Requirement(line).name == package:
+            # An empty specifier would accept any version: the check below would say nothing.
+            assert Requirement(line).specifier, f"{package} is not pinned in {env}"
+            return Requirement(line).specifier
+    raise AssertionError(f"{package} is not in the {env} requirements")
 
 
 def load(out):
@@ -83,7 +97,10 @@ def test_private_run_writes_the_contract_outputs(tmp_path, private_inputs):
     assert m["examples_per_s"] > 0 and m["seconds_per_epoch"] > 0 and m["peak_rss_mb"] > 0
     assert m["steady_steps"] == 7  # all steps but the first (warm-up)
     assert m["device"] == "cpu" and m["threads"] == 1
-    assert m["version_torch"].startswith("2.13") and m["version_numpy"]
+    # The versions the reference venv was built from: its pins (the torch wheel's local
+    # label, e.g. +cpu, satisfies `==`), so a pin bump needs no edit here.
+    for package in ("torch", "numpy"):
+        assert pinned("reference", package).contains(m[f"version_{package}"]), package
     assert m["resumes"] == 0
 
     assert [r["epoch"] for r in history] == [1, 2] and [r["step"] for r in history] == [4, 8]
