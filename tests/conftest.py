@@ -55,10 +55,18 @@ def run_probe(backend: str, code: str, *args: str, timeout: int = 600) -> dict:
 
 
 def pytest_collection_modifyitems(items):
-    """Modules whose tests need no pool job first: they run in this process while the pool
-    starts on the heavy jobs, instead of after them on one core. Stable: order within kept."""
-    heavy = {item.module for item in items if any(any(src(item)) for src in jobs.SOURCES)}
-    items.sort(key=lambda item: item.module in heavy)
+    """Modules in the order that keeps the job pool's tail short: first those whose tests need no
+    job (they run in this process while the pool starts), then those with a Snakemake run of
+    all cores (the largest jobs, whose quieter stretches one-core jobs fill), then the rest.
+    Stable: the order within a group is kept."""
+    wanted: dict = {}
+    for item in items:
+        wanted.setdefault(item.module, []).extend(job for src in jobs.SOURCES for job in src(item))
+    rank = {
+        module: 0 if not found else 1 if any(job.cores is None for job in found) else 2
+        for module, found in wanted.items()
+    }
+    items.sort(key=lambda item: rank[item.module])
 
 
 @pytest.fixture(scope="session", autouse=True)

@@ -3,7 +3,7 @@
 Parametrized over every backend with an adapter module or a requirements file (a backend with
 one and not the other fails, it is not dropped), and over every DP mode a backend offers
 (VARIANTS_OF, each with the `mode` label its options must select). Each variant runs
-`python -m dpscale.conformance` once in its venv on all CASES (tiny models: the arrays are
+`python -m dpscale.conformance` once in its venv on its CASES (tiny models: the arrays are
 compared here, in the base env, against the reference backend's and against numpy).
 
 Tolerances (float32 throughout; torch backends agree to ~1e-6 relative, see the report):
@@ -36,34 +36,6 @@ from dpscale.models.resnet import ResNetSpec, init_weights, num_params, param_sh
 from tests import jobs
 from tests.conftest import venv_python
 
-# Every DP mode each backend offers: (options, the mode label they must select). A registered
-# backend or an env file without an entry here fails test_every_backend_has_conformance_entries.
-VARIANTS_OF = {
-    "reference": [({}, "reference-torch.func")],
-    "opacus": [
-        ({"grad_sample_mode": m, "fast_samplers": fast}, f"opacus-{m}" + ("" if fast else "-stock"))
-        for m in ("hooks", "functorch", "ghost")
-        for fast in (True, False)
-    ],
-    "tfprivacy": [
-        ({}, "fast-clipping-ghost-xla"),
-        ({"xla": False}, "fast-clipping-ghost"),
-        ({"mode": "vmap"}, "dpmodel-vmap-xla"),
-        ({"mode": "vmap", "xla": False}, "dpmodel-vmap"),
-    ],
-    "objax": [
-        ({}, "objax-pgv"),
-        ({"use_norm_accumulation": True}, "objax-pgv-normacc"),
-        ({"conv": "patches"}, "objax-pgv-patches"),
-    ],
-    # conv auto = patches in the DP step on CPU; on a GPU the DP step takes XLA's convolution,
-    # which conv=xla selects here.
-    "jax": [({}, "jax-vmap"), ({"conv": "xla"}, "jax-vmap-xlaconv")],
-}
-BACKENDS = sorted(set(backends.available()) | set(envs.names()))
-VARIANTS = [(b, opts, mode) for b in BACKENDS for opts, mode in VARIANTS_OF.get(b, [])]
-VARIANT_IDS = [mode for _, _, mode in VARIANTS]
-
 SIGMA, B = 1.3, 5.5  # B not an integer: a backend that rounds it is caught
 # (spec, rows, padding rows, clip norm): each clip norm lies inside the spread of the case's
 # per-example gradient norms, so some examples are clipped and some are not.
@@ -78,6 +50,47 @@ CASES = {
         12.0,
     ),
 }
+BOTH, CIFAR = tuple(CASES), ("cifar16",)
+# Every DP mode each backend offers: (options, the mode label they must select, the cases it
+# runs). A registered backend or an env file without an entry here fails
+# test_every_backend_has_conformance_entries. Each backend's default and Opacus' three
+# per-sample modes run both cases (the model's two stems); the other modes change how the DP
+# step is computed, not the model, and run the CIFAR case: every check, one model (their
+# convolution variants are checked on the ImageNet stem's shapes in test_jax_conv.py). Listed
+# costliest compiles first, so that the job pool's last jobs are short ones.
+VARIANTS_OF = {
+    "objax": [
+        ({}, "objax-pgv", BOTH),
+        ({"use_norm_accumulation": True}, "objax-pgv-normacc", CIFAR),
+        ({"conv": "patches"}, "objax-pgv-patches", CIFAR),
+    ],
+    "tfprivacy": [
+        ({}, "fast-clipping-ghost-xla", BOTH),
+        ({"xla": False}, "fast-clipping-ghost", CIFAR),
+        ({"mode": "vmap"}, "dpmodel-vmap-xla", CIFAR),
+        ({"mode": "vmap", "xla": False}, "dpmodel-vmap", CIFAR),
+    ],
+    # conv auto = patches in the DP step on CPU; on a GPU the DP step takes XLA's convolution,
+    # which conv=xla selects here.
+    "jax": [({}, "jax-vmap", BOTH), ({"conv": "xla"}, "jax-vmap-xlaconv", CIFAR)],
+    "opacus": [
+        (
+            {"grad_sample_mode": m, "fast_samplers": fast},
+            f"opacus-{m}" + ("" if fast else "-stock"),
+            BOTH if fast else CIFAR,
+        )
+        for m in ("hooks", "functorch", "ghost")
+        for fast in (True, False)
+    ],
+    "reference": [({}, "reference-torch.func", BOTH)],
+}
+BACKENDS = [
+    *VARIANTS_OF,
+    *sorted((set(backends.available()) | set(envs.names())) - set(VARIANTS_OF)),
+]
+VARIANTS = [
+    (b, opts, mode, cases) for b in BACKENDS for opts, mode, cases in VARIANTS_OF.get(b, [])
+]
 TIMEOUT_S = 1800
 # A chi-square or normal test at this false-alarm rate: ~1e3 such tests per session.
 ALARM = 1e-9
@@ -112,33 +125,20 @@ def make_case_arrays(name: str) -> dict:
     )
 
 
-@pytest.fixture(scope="session")
-def case_files(tmp_path_factory):
-    root = tmp_path_factory.mktemp("conformance_cases")
-    paths = {}
-    for name in CASES:
-        paths[name] = root / f"{name}.npz"
-        np.savez(paths[name], **make_case_arrays(name))
-    return paths
-
-
-def variant_job(backend: str, options: dict) -> jobs.Job:
-    """One variant's `python -m dpscale.conformance` run over every case, on one core."""
-    key = "conformance " + json.dumps([backend, options], sort_keys=True)
+def variant_job(backend: str, options: dict, cases=BOTH) -> jobs.Job:
+    """One variant's `python -m dpscale.conformance` run over its cases, on one core."""
+    key = "conformance " + json.dumps([backend, options, cases], sort_keys=True)
 
     def run() -> dict:
         root = jobs.workdir("conformance")
-        cases = {}
-        for name in CASES:
-            cases[name] = root / f"case-{name}.npz"
-            if not cases[name].exists():
-                jobs.write_once(cases[name], lambda f, n=name: np.savez(f, **make_case_arrays(n)))
         tag = jobs.slug(key)
         cmd = [str(venv_python(backend)), "-m", "dpscale.conformance", "--backend", backend]
         cmd += ["--options", json.dumps(options), "--threads", "1"]
-        outs = {name: root / f"{tag}-{name}.npz" for name in CASES}
-        for name in CASES:
-            cmd += ["--case", str(cases[name]), "--out", str(outs[name])]
+        outs = {name: root / f"{tag}-{name}.npz" for name in cases}
+        for name in cases:
+            case = root / f"case-{name}.npz"
+            jobs.write_once(case, lambda f, n=name: np.savez(f, **make_case_arrays(n)))
+            cmd += ["--case", str(case), "--out", str(outs[name])]
         jobs.check_run(cmd, threads=1, timeout=TIMEOUT_S)
         result = {}
         for name, path in outs.items():
@@ -153,9 +153,8 @@ def variant_job(backend: str, options: dict) -> jobs.Job:
 def _variant_jobs(item):
     if "variant" in item.fixturenames:
         yield variant_job("reference", {})
-        backend, options, _ = item.callspec.params["variant"]
-        if backend in VARIANTS_OF:
-            yield variant_job(backend, options)
+        backend, options, _, cases = item.callspec.params["variant"]
+        yield variant_job(backend, options, cases)
 
 
 @pytest.fixture(scope="session")
@@ -165,10 +164,23 @@ def reference():
     return jobs.result(variant_job("reference", {}))
 
 
-@pytest.fixture(params=VARIANTS, ids=VARIANT_IDS)
+def pytest_generate_tests(metafunc):
+    """Every variant, and with a `case` argument every case the variant runs."""
+    if "variant" not in metafunc.fixturenames:
+        return
+    if "case" in metafunc.fixturenames:
+        pairs = [(v, case) for v in VARIANTS for case in v[3]]
+        ids = [f"{v[2]}-{case}" for v, case in pairs]
+        metafunc.parametrize(("variant", "case"), pairs, ids=ids, indirect=["variant"])
+    else:
+        metafunc.parametrize("variant", VARIANTS, ids=[v[2] for v in VARIANTS], indirect=True)
+
+
+@pytest.fixture
 def variant(request):
-    backend, options, _ = request.param
-    return jobs.result(variant_job(backend, options))
+    """The variant's outputs per case (request.param: backend, options, mode, cases)."""
+    backend, options, _, cases = request.param
+    return jobs.result(variant_job(backend, options, cases))
 
 
 def tree(out: dict, prefix: str) -> dict[str, np.ndarray]:
@@ -190,17 +202,14 @@ def assert_tree_close(got: dict, want: dict, what: str, rtol: float = 1e-4) -> N
     assert rel <= rtol, f"{what}: relative L2 error {rel:.3g} > {rtol}"
 
 
-@pytest.mark.parametrize("case", CASES)
 def test_parameter_count_is_the_spec(variant, case):
     assert int(variant[case]["num_params"]) == num_params(CASES[case][0])
 
 
-@pytest.mark.parametrize("case", CASES)
 def test_weights_round_trip_exactly(variant, case):
     assert float(variant[case]["roundtrip_max_abs"]) == 0.0
 
 
-@pytest.mark.parametrize("case", CASES)
 def test_logits_match_oracle(variant, reference, case):
     got, want = variant[case]["logits"], reference[case]["logits"]
     assert got.shape == want.shape == (len(want), CASES[case][0].num_classes)
@@ -208,7 +217,6 @@ def test_logits_match_oracle(variant, reference, case):
     np.testing.assert_allclose(got, want, rtol=0, atol=1e-4 * scale)
 
 
-@pytest.mark.parametrize("case", CASES)
 def test_clipped_gradient_sum_matches_oracle(variant, reference, case):
     assert_tree_close(tree(variant[case], "grad"), tree(reference[case], "grad"), "clipped sum")
     assert_tree_close(
@@ -235,7 +243,6 @@ def numpy_clipped_sum(grads: list[dict[str, np.ndarray]], clip: float) -> dict[s
     return total
 
 
-@pytest.mark.parametrize("case", CASES)
 def test_clipping_is_per_example(variant, reference, case):
     """The clipped sum (and the noise-free DP step) is each example's gradient clipped alone,
     recomputed here in numpy from the backend's own per-example gradients."""
@@ -252,7 +259,6 @@ def test_clipping_is_per_example(variant, reference, case):
         assert_tree_close(got, ref, "an example's gradient vs the reference's")
 
 
-@pytest.mark.parametrize("case", CASES)
 def test_per_example_sum_equals_batch_gradient(variant, case):
     """Unclipped per-example sum / n == mean gradient of the non-private step (two paths)."""
     n_real = CASES[case][1] - len(CASES[case][2])
@@ -261,7 +267,6 @@ def test_per_example_sum_equals_batch_gradient(variant, case):
     assert_tree_close(per_example, minus_step, "unclipped sum / n vs non-private gradient")
 
 
-@pytest.mark.parametrize("case", CASES)
 def test_noise_free_dp_step_over_two_chunks_is_minus_sum_over_B(variant, reference, case):
     got = tree(variant[case], "dp_update")
     assert_tree_close(got, {k: -v / B for k, v in tree(variant[case], "grad").items()}, "own")
@@ -270,7 +275,6 @@ def test_noise_free_dp_step_over_two_chunks_is_minus_sum_over_B(variant, referen
     assert_tree_close(padded, got, "an all-padding chunk inside a logical batch", rtol=1e-5)
 
 
-@pytest.mark.parametrize("case", CASES)
 def test_nonprivate_step_and_losses_match_oracle(variant, reference, case):
     assert_tree_close(
         tree(variant[case], "nonprivate_update"),
@@ -293,7 +297,6 @@ def noise_std(case: str) -> float:
     return SIGMA * CASES[case][3] / B
 
 
-@pytest.mark.parametrize("case", CASES)
 @pytest.mark.parametrize("key", NOISE_DRAWS)
 def test_one_noise_draw_of_std_sigma_c_over_b_per_logical_step(variant, case, key):
     """All-padding steps (one or two chunks) and steps whose real rows come in 1, 2 or 3 chunks
@@ -306,7 +309,6 @@ def test_one_noise_draw_of_std_sigma_c_over_b_per_logical_step(variant, case, ke
     assert abs(noise.mean()) < 6 * expected / math.sqrt(noise.size)
 
 
-@pytest.mark.parametrize("case", CASES)
 def test_noise_reaches_every_parameter_with_its_std(variant, case):
     """Per parameter tensor (each conv, GroupNorm scale and offset, fc, downsample), pooled over
     the independent draws: sum of squares / (sigma*C/B)^2 is chi-square with n degrees of
@@ -328,7 +330,6 @@ def test_noise_reaches_every_parameter_with_its_std(variant, case):
         assert z < stats.norm.isf(ALARM / 2), f"{name}: noise mean {values.mean():.3g} != 0"
 
 
-@pytest.mark.parametrize("case", CASES)
 def test_noise_is_deterministic_given_the_seed(variant, case):
     first, again = (
         flat(tree(variant[case], "noise_update")),
@@ -339,13 +340,11 @@ def test_noise_is_deterministic_given_the_seed(variant, case):
     assert np.abs(first - other).max() > 0.1 * noise_std(case), "reseed(seed + 1) changed nothing"
 
 
-@pytest.mark.parametrize("case", CASES)
 def test_checkpoint_resume_continues_exactly(variant, case):
     assert float(variant[case]["resume_max_abs"]) <= 1e-6, "setup_training then load_checkpoint"
     assert float(variant[case]["resume_preload_max_abs"]) <= 1e-6, "load_checkpoint then setup"
 
 
-@pytest.mark.parametrize("case", CASES)
 def test_noise_free_step_is_the_same_for_any_chunking(variant, case):
     got = tree(variant[case], "dp_update")
     for k in conformance.NOISE_CHUNKS:
@@ -353,7 +352,6 @@ def test_noise_free_step_is_the_same_for_any_chunking(variant, case):
         assert_tree_close(chunked, got, f"real rows in {k} chunks", rtol=1e-5)
 
 
-@pytest.mark.parametrize("case", CASES)
 @pytest.mark.parametrize("kind", ["dp", "nonprivate"])
 def test_trajectory_with_momentum_and_schedule_matches_oracle(variant, reference, case, kind):
     """Five noise-free steps, momentum 0.9, the runner's warm-up + cosine learning rates: the
@@ -376,14 +374,15 @@ def test_every_backend_has_conformance_entries():
         f"adapter: {sorted(env_files - adapters)}"
     )
     assert set(VARIANTS_OF) == adapters, f"VARIANTS_OF lacks {sorted(adapters - set(VARIANTS_OF))}"
-    modes = [mode for _, _, mode in VARIANTS]
+    modes = [mode for _, _, mode, _ in VARIANTS]
     assert len(modes) == len(set(modes)), "two variants claim one mode"
 
 
 def test_options_select_their_mode(variant, request):
-    backend, options, mode = request.node.callspec.params["variant"]
+    backend, options, mode, cases = request.node.callspec.params["variant"]
     meta = json.loads(str(variant["cifar16"]["meta"]))
     assert (meta["backend"], meta["options"], meta["mode"]) == (backend, options, mode)
+    assert sorted(variant) == sorted(cases)
 
 
 def test_backend_epsilon_is_its_frameworks_accountant_exactly(variant):

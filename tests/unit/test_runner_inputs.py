@@ -17,6 +17,7 @@ import pytest
 from dpscale.runner import loop, outputs
 from dpscale.runner.synthetic import write_inputs
 from dpscale.workflow import step_command, thread_env
+from tests.conftest import require
 
 
 @pytest.fixture
@@ -145,7 +146,6 @@ def test_outputs_are_atomic_and_round_trip(tmp_path):
 
 def test_backend_outside_its_venv(tmp_path, inputs):
     # The base env has no torch: the runner says which interpreter to use instead.
-    if importlib.util.find_spec("torch") is not None:
-        pytest.skip("torch is importable in this interpreter")
+    require(importlib.util.find_spec("torch") is None, "torch is importable in the base env")
     line = one_line_error(run_runner(tmp_path, inputs))
     assert "backend 'reference' cannot be imported here" in line and "venv" in line
