@@ -30,6 +30,15 @@ def require(condition: bool, reason: str) -> None:
         pytest.skip(reason)
 
 
+@pytest.fixture
+def umask022():
+    """The usual umask of a shared filesystem for one test (the old one back after): outputs
+    must then be readable by group and others, as files made by open() are."""
+    old = os.umask(0o022)
+    yield
+    os.umask(old)
+
+
 def venv_python(name: str) -> Path:
     """The interpreter of a backend's venv; the README's test command builds them first."""
     python = envs.python(name)

@@ -191,7 +191,7 @@ def test_unreadable_metrics_name_the_file(tmp_path, config, text, message):
     assert not (tmp_path / "summary.csv").exists()
 
 
-def test_step_writes_atomically_and_fails_in_one_line(tmp_path, runs, config):
+def test_step_writes_atomically_and_fails_in_one_line(tmp_path, runs, config, umask022):
     out = tmp_path / "out/summary.csv"
     cmd = [sys.executable, "-m", "dpscale.report.aggregate", "--metrics"]
     cmd += [json.dumps([str(p) for p in runs]), "--config", json.dumps(config), "--out", str(out)]
@@ -199,6 +199,7 @@ def test_step_writes_atomically_and_fails_in_one_line(tmp_path, runs, config):
     assert "wrote 12 rows" in done.stdout
     assert len(pd.read_csv(out)) == 12
     assert list(out.parent.iterdir()) == [out]
+    assert out.stat().st_mode & 0o777 == 0o644  # colleagues can read it, as after open()
 
     missing = tmp_path / "runs/x/y/none/default/seed0/metrics.json"
     cmd[4] = json.dumps([str(missing)])

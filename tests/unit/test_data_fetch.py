@@ -26,7 +26,7 @@ def served(tmp_path):
         yield f"{base}/{archive.name}", datagen.sha256_file(archive)
 
 
-def test_download_verify_extract_then_it_is_an_image_folder(tmp_path, served):
+def test_download_verify_extract_then_it_is_an_image_folder(tmp_path, served, umask022):
     url, sha = served
     raw = tmp_path / "resources" / "raw"
     extracted = fetch(url, sha, raw, log=lambda m: None)
@@ -36,6 +36,8 @@ def test_download_verify_extract_then_it_is_an_image_folder(tmp_path, served):
     assert index.classes == ["n01", "n02"] and index.counts == [2, 3]
     assert index.root == str(extracted / "nette" / "train")
     assert sorted(os.listdir(tmp_path / "resources")) == ["raw"]  # no temp folder left
+    assert raw.stat().st_mode & 0o777 == 0o755  # as mkdir() and open() give
+    assert (raw / "nette.tar.gz").stat().st_mode & 0o777 == 0o644
 
 
 def test_sha256_mismatch_fails_and_removes_the_file(tmp_path, served):

@@ -34,7 +34,7 @@ def folder(tmp_path):
     return root
 
 
-def test_imagefolder_arrays_manifest_and_skips(tmp_path, folder):
+def test_imagefolder_arrays_manifest_and_skips(tmp_path, folder, umask022):
     imgs, labels, manifest, out_dir = _run(
         tmp_path, "--source", "imagefolder", "--path", folder, "--resolution", 16
     )
@@ -54,6 +54,7 @@ def test_imagefolder_arrays_manifest_and_skips(tmp_path, folder):
         "labels.npy",
         "manifest.json",
     ]
+    assert {p.stat().st_mode & 0o777 for p in out_dir.iterdir()} == {0o644}  # as open() gives
     # Row order = class, then file name: ant_0.JPEG is the first image.
     assert (imgs[0] == load(str(folder / "ant" / "ant_0.JPEG"), 16)).all()
 

@@ -277,7 +277,7 @@ def _split(tmp_path, n_train):
     return path
 
 
-def test_calibrate_step_writes_the_privacy_file(tmp_path):
+def test_calibrate_step_writes_the_privacy_file(tmp_path, umask022):
     split = _split(tmp_path, 300)
     out = tmp_path / "privacy/balanced/eps4.json"
     cmd = [sys.executable, "-m", "dpscale.privacy.calibrate", "--split", str(split)]
@@ -289,6 +289,7 @@ def test_calibrate_step_writes_the_privacy_file(tmp_path):
     assert rec["epsilon"] <= 4.0 and len(rec["eps_by_epoch"]) == 3
     assert "rdp, delta=0.0001, poisson" in done.stdout
     assert list(out.parent.iterdir()) == [out]  # no temporary file left behind
+    assert out.stat().st_mode & 0o777 == 0o644  # colleagues can read it, as after open()
 
 
 def test_calibrate_step_fails_in_one_line(tmp_path):

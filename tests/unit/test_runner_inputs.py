@@ -14,6 +14,7 @@ import sys
 import numpy as np
 import pytest
 
+from dpscale import atomic
 from dpscale.runner import loop, outputs
 from dpscale.runner.synthetic import write_inputs
 from dpscale.workflow import step_command, thread_env
@@ -130,18 +131,19 @@ def test_cross_entropy_and_accuracy():
     assert math.isnan(loop.cross_entropy(logits[:0], y[:0]))
 
 
-def test_outputs_are_atomic_and_round_trip(tmp_path):
+def test_outputs_are_atomic_and_round_trip(tmp_path, umask022):
     rows = [{"epoch": 1, "step": 4, "lr": 0.1, "train_loss": 1 / 3, "test_loss": math.nan}]
     outputs.write_history(tmp_path / "h.csv", rows)
     back = outputs.read_history(tmp_path / "h.csv")
     assert back[0]["train_loss"] == 1 / 3 and back[0]["test_loss"] is None
     assert back[0]["epoch"] == 1 and back[0]["epsilon"] is None
-    outputs.write_json(tmp_path / "m.json", {"a": math.inf, "b": np.float32(0.5)})
+    atomic.write_json(tmp_path / "m.json", {"a": math.inf, "b": np.float32(0.5)})
     assert json.loads((tmp_path / "m.json").read_text()) == {"a": None, "b": 0.5}
-    outputs.write_npz(tmp_path / "w.npz", {"x": np.arange(3)})
+    atomic.write_npz(tmp_path / "w.npz", {"x": np.arange(3)})
     with np.load(tmp_path / "w.npz") as z:
         np.testing.assert_array_equal(z["x"], np.arange(3))
     assert sorted(p.name for p in tmp_path.iterdir()) == ["h.csv", "m.json", "w.npz"]  # no tmp
+    assert {p.stat().st_mode & 0o777 for p in tmp_path.iterdir()} == {0o644}  # as open() gives
 
 
 def test_backend_outside_its_venv(tmp_path, inputs):

@@ -131,7 +131,7 @@ def test_public_split_takes_the_classes_the_private_ones_leave(tmp_path):
         build(labels, manifest, **{**kwargs, "public": 3})
 
 
-def test_cli_writes_the_documented_npz(tmp_path):
+def test_cli_writes_the_documented_npz(tmp_path, umask022):
     labels = _labels()
     np.save(tmp_path / "labels.npy", labels)
     manifest = {"classes": ["a", "b", "c", "d"], "counts": [80, 70, 90, 75], "source": "t"}
@@ -143,6 +143,7 @@ def test_cli_writes_the_documented_npz(tmp_path):
     args = split_args(splits, "lt", tmp_path / "labels.npy", tmp_path / "manifest.json", "x")
     argv = [f"--{k.replace('_', '-')}={v}" for k, v in args.items() if k != "out"]
     main([*argv, "--out", str(tmp_path / "splits" / "lt.npz")])
+    assert (tmp_path / "splits" / "lt.npz").stat().st_mode & 0o777 == 0o644
     with np.load(tmp_path / "splits" / "lt.npz") as z:
         assert sorted(z.files) == sorted(
             ["train", "holdout", "test", "classes", "train_counts", "holdout_counts",

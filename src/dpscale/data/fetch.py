@@ -11,8 +11,6 @@ from __future__ import annotations
 
 import argparse
 import hashlib
-import os
-import shutil
 import sys
 import tarfile
 import time
@@ -22,6 +20,7 @@ import zipfile
 from pathlib import Path, PurePosixPath
 from urllib.parse import unquote, urlparse
 
+from dpscale import atomic
 from dpscale.data import DataError
 
 EXTRACTED = "extracted"
@@ -33,39 +32,40 @@ def download(url: str, dest_dir, sha256: str, log=print) -> Path:
     scheme = urlparse(url).scheme
     if scheme not in ("http", "https", "file"):
         raise DataError(f"dataset.url: {url!r}; expected an http://, https:// or file:// URL")
-    dest_dir = Path(dest_dir)
-    dest_dir.mkdir(parents=True, exist_ok=True)
-    dest = dest_dir / (Path(unquote(urlparse(url).path)).name or "download")
-    part = dest.with_name(dest.name + ".part")
-    h, done, start, last = hashlib.sha256(), 0, time.perf_counter(), time.perf_counter()
+    dest = Path(dest_dir) / (Path(unquote(urlparse(url).path)).name or "download")
+    start = time.perf_counter()
     try:
-        with urllib.request.urlopen(url, timeout=60) as resp, open(part, "wb") as f:
-            length = resp.headers.get("Content-Length")
-            total = f" of {int(length) / 1e6:.1f}" if length else ""
-            while block := resp.read(1 << 20):
-                f.write(block)
-                h.update(block)
-                done += len(block)
-                if time.perf_counter() - last >= LOG_EVERY_S:
-                    last = time.perf_counter()
-                    mb_s = done / 1e6 / (last - start)
-                    log(f"fetch: {done / 1e6:.1f}{total} MB, {mb_s:.1f} MB/s")
+        with atomic.replacing(dest) as part:
+            done, digest = _stream(url, part, log)
+            if digest != sha256.lower():  # raised inside: the file is never renamed into place
+                raise DataError(
+                    f"dataset.sha256: {url} has sha256 {digest}; expected {sha256} "
+                    "(the downloaded file was removed)"
+                )
     except (urllib.error.URLError, OSError) as err:
-        part.unlink(missing_ok=True)
         reason = getattr(err, "reason", err)
         raise DataError(
             f"dataset.url: cannot download {url} ({reason}); expected a reachable URL"
         ) from None
-    digest = h.hexdigest()
-    if digest != sha256.lower():
-        part.unlink(missing_ok=True)
-        raise DataError(
-            f"dataset.sha256: {url} has sha256 {digest}; expected {sha256} "
-            "(the downloaded file was removed)"
-        )
-    os.replace(part, dest)
     log(f"fetch: {url} -> {dest} ({done} bytes, sha256 ok) in {time.perf_counter() - start:.1f} s")
     return dest
+
+
+def _stream(url: str, path: Path, log) -> tuple[int, str]:
+    """Copy `url` into `path`, logging progress; return the byte count and the sha256."""
+    h, done, start, last = hashlib.sha256(), 0, time.perf_counter(), time.perf_counter()
+    with urllib.request.urlopen(url, timeout=60) as resp, open(path, "wb") as f:
+        length = resp.headers.get("Content-Length")
+        total = f" of {int(length) / 1e6:.1f}" if length else ""
+        while block := resp.read(1 << 20):
+            f.write(block)
+            h.update(block)
+            done += len(block)
+            if time.perf_counter() - last >= LOG_EVERY_S:
+                last = time.perf_counter()
+                mb_s = done / 1e6 / (last - start)
+                log(f"fetch: {done / 1e6:.1f}{total} MB, {mb_s:.1f} MB/s")
+    return done, h.hexdigest()
 
 
 def _check_member(archive: Path, name: str) -> None:
@@ -102,18 +102,10 @@ def extract(archive, dest, log=print) -> Path:
 
 def fetch(url: str, sha256: str, out_dir, log=print) -> Path:
     """Download + verify + extract into out_dir (atomically); return the extracted folder."""
-    out_dir = Path(out_dir)
-    tmp = out_dir.with_name(f".{out_dir.name}.tmp{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    try:
+    with atomic.replacing_dir(out_dir) as tmp:
         archive = download(url, tmp, sha256, log)
         extract(archive, tmp / EXTRACTED, log)
-        if out_dir.exists():
-            shutil.rmtree(out_dir)
-        os.replace(tmp, out_dir)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    return out_dir / EXTRACTED
+    return Path(out_dir) / EXTRACTED
 
 
 def main(argv=None) -> None:

@@ -14,7 +14,6 @@ import functools
 import hashlib
 import json
 import math
-import os
 import sys
 import time
 from collections import deque
@@ -24,6 +23,7 @@ from pathlib import Path
 
 import numpy as np
 
+from dpscale import atomic
 from dpscale.data import DataError, images
 from dpscale.data.sources import MEDMNIST_PARTS, SOURCES, SUBSAMPLE_SEED, Index, index_source
 
@@ -99,8 +99,15 @@ def _sha256(path: Path) -> str:
     return h.hexdigest()
 
 
-def _tmp(path: Path) -> Path:
-    return path.with_name(f".{path.name}.tmp{os.getpid()}")
+def _compact(raw: np.ndarray, keep: np.ndarray, path: Path) -> None:
+    """The rows of `raw` where `keep` is set, as a new .npy at `path`, a block at a time."""
+    good = np.flatnonzero(keep)
+    final = np.lib.format.open_memmap(
+        path, mode="w+", dtype=raw.dtype, shape=(len(good), *raw.shape[1:])
+    )
+    for a in range(0, len(good), 4096):
+        final[a : a + 4096] = raw[good[a : a + 4096]]
+    final.flush()
 
 
 def _versions() -> dict:
@@ -138,9 +145,13 @@ def prepare(
     start = time.perf_counter()
 
     paths = {name: out_dir / name for name in OUTPUTS}
-    tmp_images = _tmp(paths["images.npy"])
-    raw = np.lib.format.open_memmap(tmp_images, mode="w+", dtype=np.uint8, shape=(n, *shape))
-    try:
+    # The arrays are committed together when the block ends, the manifest after them: whoever
+    # sees a manifest sees complete arrays beside it.
+    with (
+        atomic.replacing(paths["images.npy"]) as tmp_images,
+        atomic.replacing(paths["labels.npy"]) as tmp_labels,
+    ):
+        raw = np.lib.format.open_memmap(tmp_images, mode="w+", dtype=np.uint8, shape=(n, *shape))
         failed = _decode_all(items, resolution, draft, threads, raw, log)
         keep = np.ones(n, bool)
         keep[[i for i, _ in failed]] = False
@@ -152,22 +163,14 @@ def prepare(
                     "expected at least one readable image"
                 )
         if failed:
-            # Rare: compact the good rows into a second file rather than hold N images in RAM.
-            compact = _tmp(out_dir / "images.compact.npy")
-            final = np.lib.format.open_memmap(
-                compact, mode="w+", dtype=np.uint8, shape=(int(keep.sum()), *shape)
-            )
-            good = np.flatnonzero(keep)
-            for a in range(0, len(good), 4096):
-                final[a : a + 4096] = raw[good[a : a + 4096]]
-            final.flush()
-            del final
-            os.replace(compact, tmp_images)
+            # Rare: compact the good rows into a second file rather than hold N images in RAM;
+            # it replaces the decoded one only once complete.
+            with atomic.replacing(tmp_images) as compact:
+                _compact(raw, keep, compact)
         else:
             raw.flush()
         del raw
         all_labels, labels = labels, labels[keep]
-        tmp_labels = _tmp(paths["labels.npy"])
         with open(tmp_labels, "wb") as f:
             np.save(f, labels)
         seconds = time.perf_counter() - start
@@ -192,15 +195,7 @@ def prepare(
             "images_per_s": round(n / max(seconds, 1e-9), 1),
             "versions": _versions(),
         }
-        tmp_manifest = _tmp(paths["manifest.json"])
-        tmp_manifest.write_text(json.dumps(manifest, indent=1) + "\n")
-        # Manifest last: whoever sees it sees complete arrays beside it.
-        os.replace(tmp_images, paths["images.npy"])
-        os.replace(tmp_labels, paths["labels.npy"])
-        os.replace(tmp_manifest, paths["manifest.json"])
-    finally:
-        for p in out_dir.glob(f".*.tmp{os.getpid()}"):
-            p.unlink()
+    atomic.write_json(paths["manifest.json"], manifest)
     log(
         f"prepare: wrote {manifest['n_images']} images ({len(failed)} skipped) to {out_dir} "
         f"in {seconds:.1f} s, {manifest['images_per_s']:.0f} images/s"

@@ -17,12 +17,12 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import os
 import sys
 from pathlib import Path
 
 import numpy as np
 
+from dpscale import atomic
 from dpscale.data import DataError
 
 KINDS = ("balanced", "exp", "step")
@@ -166,19 +166,6 @@ def build(
     }
 
 
-def write(arrays: dict[str, np.ndarray], out) -> None:
-    """np.savez under a temporary name, then rename (atomic)."""
-    out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(f".{out.name}.tmp{os.getpid()}")
-    try:
-        with open(tmp, "wb") as f:
-            np.savez(f, **arrays)
-        os.replace(tmp, out)
-    finally:
-        tmp.unlink(missing_ok=True)
-
-
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(
         prog="python -m dpscale.data.split", description=__doc__.splitlines()[0]
@@ -217,7 +204,7 @@ def main(argv=None) -> None:
             args.test_per_class,
             args.public,
         )
-        write(arrays, args.out)
+        atomic.write_npz(args.out, arrays)
     except DataError as err:
         sys.exit(f"split: error: {err}")
     meta = json.loads(str(arrays["meta"]))

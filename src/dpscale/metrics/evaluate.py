@@ -17,13 +17,13 @@ from pathlib import Path
 
 import numpy as np
 
+from dpscale.atomic import json_safe, write_json
 from dpscale.metrics.classification import (
     check_logits,
     classification_report,
     per_example_loss,
 )
 from dpscale.metrics.membership import ALPHA, membership_report
-from dpscale.runner.outputs import json_safe, write_json
 
 PARTS = ("train", "holdout", "test")
 

@@ -6,7 +6,6 @@ and PNG for the README. Every epsilon on a figure names its accountant, delta an
 
 from __future__ import annotations
 
-import os
 import re
 from pathlib import Path
 
@@ -20,6 +19,7 @@ import pandas as pd  # noqa: E402
 import seaborn as sns  # noqa: E402
 from matplotlib.ticker import MaxNLocator  # noqa: E402
 
+from dpscale import atomic  # noqa: E402
 from dpscale.plots.data import (  # noqa: E402
     MEMBER,
     NON_MEMBER,
@@ -37,18 +37,15 @@ PNG_DPI = 150
 
 
 def save(fig: plt.Figure, svg: str | Path | None = None, png: str | Path | None = None) -> None:
-    """Write the figure (atomically: a temporary name, then rename) and close it."""
+    """Write the figure (atomically, see dpscale.atomic) and close it."""
     for path, fmt, metadata in (
         (svg, "svg", {"Date": None}),
         (png, "png", {"Software": None}),
     ):
         if path is None:
             continue
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f".{path.name}.tmp")
-        fig.savefig(tmp, format=fmt, dpi=PNG_DPI, bbox_inches="tight", metadata=metadata)
-        os.replace(tmp, path)
+        with atomic.replacing(path) as tmp:
+            fig.savefig(tmp, format=fmt, dpi=PNG_DPI, bbox_inches="tight", metadata=metadata)
     plt.close(fig)
 
 

@@ -16,17 +16,15 @@ large run's epsilon, the one its accuracy predicts, is `simulated_epsilon`.
 from __future__ import annotations
 
 import argparse
-import json
 import logging
-import os
 import sys
-import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
 
+from dpscale import atomic
 from dpscale.config import ConfigError, parse_level
 from dpscale.privacy import accountant as acc
 
@@ -182,24 +180,6 @@ def n_train_of(split_path: str | Path) -> int:
         return int(split["train"].shape[0])
 
 
-def write_json_atomic(path: str | Path, obj) -> None:
-    """Write JSON next to its destination, then rename: readers never see half a file.
-
-    Strict, unlike dpscale.runner.outputs.write_json (NaN/inf -> null): a non-finite number in a
-    privacy record is a bug to stop at, never an epsilon to read as missing."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w") as f:
-            json.dump(obj, f, indent=1, allow_nan=False)
-            f.write("\n")
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--split", required=True, help="results/<exp>/splits/<split>.npz")
@@ -243,7 +223,8 @@ def main(argv=None) -> None:
         )
     except (ValueError, OSError) as err:
         sys.exit(f"dpscale.privacy.calibrate: {err}")
-    write_json_atomic(args.out, record)
+    # Strict: a non-finite number in a privacy record is a bug, never an epsilon to read as missing.
+    atomic.write_json(args.out, record, strict=True)
     if record["private"]:
         print(
             f"sigma={record['noise_multiplier']:.6g} q={record['sample_rate']:.6g} "

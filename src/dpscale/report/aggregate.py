@@ -17,13 +17,12 @@ import csv
 import io
 import json
 import math
-import os
 import re
 import sys
-import tempfile
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 
+from dpscale import atomic
 from dpscale.config import variant_configs
 
 #: Columns every summary has, in this order, whether or not any run recorded them.
@@ -260,20 +259,6 @@ def to_csv(columns: list[str], rows: list[dict]) -> str:
     return buf.getvalue()
 
 
-def write_text_atomic(path: str | Path, text: str) -> None:
-    """Temporary file in the destination's folder, then rename: never half a summary."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def aggregate(
     metrics_paths: Iterable[str | Path],
     config: Mapping,
@@ -283,7 +268,7 @@ def aggregate(
     """Write the summary CSV; returns the number of rows."""
     runs = merge_evaluations([read_metrics(p) for p in metrics_paths], evaluation_paths)
     columns, rows = summary_rows(runs, config)
-    write_text_atomic(out, to_csv(columns, rows))
+    atomic.write_text(out, to_csv(columns, rows))
     return len(rows)
 
 

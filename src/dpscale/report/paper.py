@@ -22,7 +22,8 @@ from collections.abc import Mapping, Sequence
 
 import pandas as pd
 
-from dpscale.report.aggregate import AggregateError, to_csv, write_text_atomic
+from dpscale import atomic
+from dpscale.report.aggregate import AggregateError, to_csv
 
 COMPARISON_COLUMNS = (
     "source",
@@ -189,11 +190,11 @@ def main(argv=None) -> None:
         summary = pd.read_csv(args.summary)
         if args.out:
             rows = comparison(summary, paper, args.scale or None)
-            write_text_atomic(args.out, to_csv(list(COMPARISON_COLUMNS), _nan_to_none(rows)))
+            atomic.write_text(args.out, to_csv(list(COMPARISON_COLUMNS), _nan_to_none(rows)))
             print(f"wrote {len(rows)} published numbers beside ours to {args.out}", flush=True)
         if args.simulation_out:
             sims = simulation_check(summary)
-            write_text_atomic(
+            atomic.write_text(
                 args.simulation_out, to_csv(list(SIMULATION_COLUMNS), _nan_to_none(sims))
             )
             print(f"wrote {len(sims)} simulated runs to {args.simulation_out}", flush=True)

@@ -19,6 +19,7 @@ from pathlib import Path
 
 import numpy as np
 
+from dpscale import atomic
 from dpscale.backends.base import Adapter, StepConfig
 from dpscale.models.resnet import ResNetSpec
 from dpscale.runner import feed, outputs, plan, schedule
@@ -339,7 +340,7 @@ class Run:
         shutil.rmtree(folder, ignore_errors=True)
         folder.mkdir(parents=True)
         self.adapter.save_checkpoint(folder / "adapter.ckpt")
-        outputs.write_json(
+        atomic.write_json(
             self.checkpoint_dir / STATE_FILE,
             {**state, "adapter_checkpoint": f"{name}/adapter.ckpt"},
         )
@@ -585,10 +586,10 @@ class Run:
             **{f"version_{k}": str(v) for k, v in versions.items()},
         }
         out = self.out_dir
-        outputs.write_npz(out / "predictions.npz", arrays)
-        outputs.write_npz(out / "weights.npz", a.get_weights())
+        atomic.write_npz(out / "predictions.npz", arrays)
+        atomic.write_npz(out / "weights.npz", a.get_weights())
         outputs.write_history(out / "history.csv", state["history"])
-        outputs.write_json(out / "metrics.json", metrics)
+        atomic.write_json(out / "metrics.json", metrics)
         log(
             f"done: test accuracy {metrics['test_accuracy']:.4f} loss {metrics['test_loss']:.4f}, "
             f"train accuracy {metrics['train_accuracy']:.4f}, epsilon "
