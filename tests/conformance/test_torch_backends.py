@@ -50,12 +50,12 @@ PROBE = textwrap.dedent(
     error("no_setup", lambda: a.train_step([batch], 0.1))
     bad = Batch(x, np.zeros(2, np.int64), np.ones(3, bool))
     error("bad_mask", lambda: a.clipped_grad_sum(bad, 1.0))
+    out["epsilon_nonprivate"] = a.backend_epsilon(0.01, 100, 1e-5)
+    a.setup_training(StepConfig(True, 1.0, 1.1, 4.0, 0.9, 2))
     with tempfile.NamedTemporaryFile(suffix=".pt") as f:
         import torch
         torch.save({"something": "else"}, f.name)
         error("bad_checkpoint", lambda: a.load_checkpoint(f.name))
-    out["epsilon_nonprivate"] = a.backend_epsilon(0.01, 100, 1e-5)
-    a.setup_training(StepConfig(True, 1.0, 1.1, 4.0, 0.9, 2))
     out["epsilon"] = a.backend_epsilon(256 / 50000, 2000, 1e-5)
     out["empty_loss"] = a.train_step([Batch(x, batch.y, np.zeros(2, bool))], 0.1)
     print(json.dumps(out))
@@ -89,7 +89,7 @@ def test_bad_input_gets_one_clear_line(probe):
         "missing": ["fc.weight", "canonical names"],
         "no_setup": ["setup_training"],
         "bad_mask": ["mask", "expected"],
-        "bad_checkpoint": [name, "checkpoint"],
+        "bad_checkpoint": [name, "checkpoint", "expected"],
     }
     if name == "opacus":
         expected["bad_mode"] = ["grad_sample_mode", "magic", "hooks, functorch, ghost"]

@@ -7,8 +7,6 @@ for jax), so everything here is plain numpy/stdlib and works under either.
 from __future__ import annotations
 
 import os
-import tempfile
-from pathlib import Path
 
 import numpy as np
 
@@ -63,74 +61,17 @@ def thread_note(threads: int) -> str:
     return f"XLA pool over {len(os.sched_getaffinity(0))} schedulable CPUs (asked {threads})"
 
 
-def check_batch(x: np.ndarray, y: np.ndarray, mask: np.ndarray, physical: int | None) -> None:
-    """One-line errors for a malformed padded chunk."""
-    n = len(x)
-    if np.shape(y) != (n,) or np.shape(mask) != (n,):
-        raise ValueError(
-            f"batch has x {np.shape(x)}, y {np.shape(y)}, mask {np.shape(mask)}; "
-            "expected one label and one mask entry per image"
-        )
-    if np.ndim(x) != 4 or np.shape(x)[-1] != 3:
-        raise ValueError(f"batch x has shape {np.shape(x)}; expected (n, H, W, 3) NHWC images")
-    if physical is not None and n != physical:
-        raise ValueError(
-            f"batch has {n} rows; expected the physical batch size {physical} (pad with a mask)"
-        )
-
-
-def pad_rows(x: np.ndarray, rows: int) -> np.ndarray:
-    """`x` padded with zero rows to `rows` rows (so a fixed-shape jitted function can take it)."""
-    if len(x) == rows:
-        return x
-    pad = np.zeros((rows - len(x), *x.shape[1:]), dtype=x.dtype)
-    return np.concatenate([x, pad])
-
-
-def save_npz_atomic(path: Path, arrays: dict[str, np.ndarray]) -> None:
-    """np.savez to a temporary file in the same folder, then rename: a kill leaves the old one."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            np.savez(f, **arrays)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
-def load_npz(path: Path, fmt: str) -> dict[str, np.ndarray]:
-    """Arrays of a checkpoint written by save_npz_atomic with `format` == fmt."""
-    with np.load(Path(path), allow_pickle=False) as z:
-        arrays = {k: z[k] for k in z.files}
-    found = str(arrays.pop("format", ""))
-    if found != fmt:
-        raise ValueError(f"{path} has checkpoint format {found!r}; expected {fmt!r}")
-    return arrays
-
-
-def split_checkpoint(arrays: dict[str, np.ndarray], names) -> tuple[dict, dict]:
-    """(weights, momentum) by canonical name from a checkpoint's `w/<name>`, `m/<name>` arrays."""
-    missing = [n for n in names if f"w/{n}" not in arrays or f"m/{n}" not in arrays]
-    if missing:
-        raise ValueError(f"checkpoint lacks weights or momentum for {missing[:3]}; expected all")
-    return {n: arrays[f"w/{n}"] for n in names}, {n: arrays[f"m/{n}"] for n in names}
-
-
-def check_weights(weights: dict[str, np.ndarray], shapes: dict[str, tuple]) -> None:
-    """One-line error unless `weights` has exactly the canonical names and shapes."""
-    missing = [n for n in shapes if n not in weights]
-    extra = [n for n in weights if n not in shapes]
-    if missing or extra:
-        raise ValueError(
-            f"weights missing {missing[:3]} / unexpected {extra[:3]}; expected the canonical names "
-            "of dpscale.models.resnet.param_shapes"
-        )
-    for n, shape in shapes.items():
-        if tuple(np.shape(weights[n])) != tuple(shape):
-            raise ValueError(f"weight {n} has shape {np.shape(weights[n])}; expected {shape}")
+def predict_padded(logits_of, x: np.ndarray, eval_rows: int, num_classes: int) -> np.ndarray:
+    """Logits of `x` from the jitted `logits_of(rows)`, called with a few fixed shapes only: full
+    chunks of `eval_rows`, a smaller input padded with zero rows to a power of 2."""
+    x = np.asarray(x, dtype=np.float32)
+    rows = min(eval_rows, 1 << max(len(x) - 1, 0).bit_length())
+    out = [np.zeros((0, num_classes), dtype=np.float32)]
+    for i in range(0, len(x), rows):
+        part = x[i : i + rows]
+        pad = np.zeros((rows - len(part), *x.shape[1:]), dtype=np.float32)
+        out.append(np.asarray(logits_of(np.concatenate([part, pad])))[: len(part)])
+    return np.concatenate(out).astype(np.float32)
 
 
 def device_name(jax_module) -> str:

@@ -7,15 +7,12 @@ No in-place ops: Opacus' backward hooks and torch.func's vmap both dislike them.
 
 from __future__ import annotations
 
-import os
-import tempfile
-from pathlib import Path
-
 import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from dpscale.backends.base import Batch, check_weights
 from dpscale.models.resnet import GN_EPS, ResNetSpec, blocks, param_shapes
 
 
@@ -120,21 +117,27 @@ def to_mask(mask: np.ndarray, device: torch.device) -> torch.Tensor:
 def load_canonical(model: nn.Module, weights: dict[str, np.ndarray]) -> None:
     """Copy canonical weights into `model`; any missing, extra or misshapen name is an error."""
     params = dict(model.named_parameters())
-    missing = sorted(set(params) - set(weights))
-    extra = sorted(set(weights) - set(params))
-    if missing or extra:
-        raise ValueError(
-            f"weights do not match the model: missing {missing[:3]}, unexpected {extra[:3]}; "
-            "expected the canonical names of dpscale.models.resnet.param_shapes"
-        )
+    check_weights(weights, {n: tuple(p.shape) for n, p in params.items()})
     with torch.no_grad():
         for name, p in params.items():
-            w = np.asarray(weights[name], dtype=np.float32)
-            if w.shape != tuple(p.shape):
-                raise ValueError(
-                    f"weights[{name!r}] has shape {w.shape}; expected {tuple(p.shape)}"
-                )
-            p.copy_(torch.from_numpy(w))
+            p.copy_(torch.from_numpy(np.asarray(weights[name], dtype=np.float32)))
+
+
+def real_rows(batch: Batch, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """The chunk's real examples as (images, labels): torch is eager, padding is sliced away."""
+    mask = np.asarray(batch.mask, dtype=bool)
+    return to_images(batch.x[mask], device), to_labels(batch.y[mask], device)
+
+
+def tensors_like(arrays: dict[str, np.ndarray], params: dict[str, torch.Tensor]) -> dict:
+    """`arrays` (e.g. a checkpoint's momentum) as tensors on each parameter's device and dtype;
+    every parameter must have one."""
+    missing = sorted(set(params) - set(arrays))
+    if missing:
+        raise ValueError(f"checkpoint lacks momentum for {missing[:3]}; expected every parameter")
+    return {
+        n: torch.from_numpy(np.asarray(arrays[n])).to(p.device, p.dtype) for n, p in params.items()
+    }
 
 
 def export_canonical(model: nn.Module) -> dict[str, np.ndarray]:
@@ -165,19 +168,6 @@ def peak_memory_bytes(device: torch.device) -> int | None:
     if device.type == "cuda":
         return int(torch.cuda.max_memory_allocated(device))
     return None
-
-
-def atomic_save(obj, path: Path) -> None:
-    """torch.save to a temporary file beside `path`, then rename: a kill leaves the old one."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".", suffix=".tmp")
-    os.close(fd)
-    try:
-        torch.save(obj, tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 class TorchModel:

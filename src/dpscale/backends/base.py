@@ -1,20 +1,36 @@
-"""The backend contract: what an adapter does. Everything else is the runner's.
+"""The backend contract. The logical DP step, the checkpoint and the options check live here,
+once; an adapter supplies its framework's hooks.
 
 The runner (numpy only) owns data, the Poisson batch plan, padding, the learning-rate schedule,
 timing, checkpoint cadence and outputs. An adapter owns only what is framework-specific: the
-model (from dpscale.models.resnet), one optimizer step, prediction, weights and checkpoints.
+model (from dpscale.models.resnet), the hooks of one optimizer step, prediction, weights, its
+optimizer and noise state, and its framework's own privacy statement.
 
 Arrays crossing the contract:
 - images: float32 (n, H, W, 3), already normalized; labels: int64 (n,); mask: bool (n,), False
   rows are padding and must contribute nothing (no gradient, no loss, no count).
 - weights: dict canonical name -> float32 array in canonical (PyTorch) layout.
 
-The DP step (private=True) over one *logical* batch given as physical chunks:
+The DP step (private=True) over one *logical* batch given as physical chunks (`train_step`):
     g = (sum over real examples of clip(grad_i, C) + N(0, (sigma*C)^2 I)) / B
 where C = clip_norm, sigma = noise_multiplier and B = expected_batch_size (q * N), never the
-realized batch size. The non-private step uses the mean gradient over the real examples.
-Then SGD with heavy-ball momentum, PyTorch convention: v = mu*v + g; w = w - lr*v.
-Loss is softmax cross-entropy.
+realized batch size: chunks with no real row add nothing, the noise is drawn once per logical
+step (also when Poisson sampling drew nobody), and the loss is the mean over real rows (0.0 for
+an empty batch). The non-private step uses the mean gradient over the real examples. Then SGD
+with heavy-ball momentum, PyTorch convention: v = mu*v + g; w = w - lr*v. Loss: softmax
+cross-entropy.
+
+Hooks (a framework's work only):
+- `_setup(step)`: optimizer state and the DP machinery for this StepConfig;
+- `_accumulate(chunk, private)`: add the chunk's sum over its real rows of clipped per-example
+  gradients (private) or of plain gradients (not) to the adapter's accumulator; return the sum
+  of their losses. Only called for chunks with real rows;
+- `_apply(noise_std, divisor, lr)`: add N(0, noise_std^2) to the accumulated sum (one draw per
+  parameter entry; noise_std None: no noise), divide by `divisor`, take the momentum step at
+  `lr` (momentum from the StepConfig), and empty the accumulator;
+- `_clipped_grad_sum(batch, clip_norm)`: the clipped sum with the DP step's own machinery;
+- `_momentum()` / `_set_momentum(m)`, `_noise_state()` / `_set_noise_state(s)`: what a
+  checkpoint holds beside the weights.
 """
 
 from __future__ import annotations
@@ -25,7 +41,10 @@ from pathlib import Path
 
 import numpy as np
 
+from dpscale import atomic
 from dpscale.models.resnet import ResNetSpec
+
+CHECKPOINT_FORMAT = "dpscale-checkpoint-1"
 
 
 @dataclass(frozen=True)
@@ -38,7 +57,7 @@ class Batch:
 
     @property
     def size(self) -> int:
-        return int(self.mask.sum())
+        return int(np.count_nonzero(self.mask))
 
 
 @dataclass(frozen=True)
@@ -60,11 +79,27 @@ class StepConfig:
             raise ValueError(f"noise_multiplier={self.noise_multiplier}; expected >= 0")
 
 
+def check_weights(weights: dict[str, np.ndarray], shapes: dict[str, tuple]) -> None:
+    """One-line error unless `weights` has exactly the canonical names and shapes."""
+    missing = [n for n in shapes if n not in weights]
+    extra = [n for n in weights if n not in shapes]
+    if missing or extra:
+        raise ValueError(
+            f"weights do not match the model: missing {missing[:3]}, unexpected {extra[:3]}; "
+            "expected the canonical names of dpscale.models.resnet.param_shapes"
+        )
+    for n, shape in shapes.items():
+        if tuple(np.shape(weights[n])) != tuple(shape):
+            raise ValueError(f"weights[{n!r}] has shape {np.shape(weights[n])}; expected {shape}")
+
+
 class Adapter(abc.ABC):
     """One framework's side of the contract. Subclass as `Adapter` in dpscale.backends.<name>."""
 
     #: a short label of the DP mechanism actually used (e.g. "opacus-hooks"), set by the adapter
     mode: str = ""
+    #: the backend options the adapter reads: name -> what it sets (its docs say more)
+    OPTIONS: dict[str, str] = {}
 
     def __init__(self, spec: ResNetSpec, options: dict, seed: int, threads: int) -> None:
         """Build the model initialized from `dpscale.models.resnet.init_weights(spec, seed)`."""
@@ -72,6 +107,18 @@ class Adapter(abc.ABC):
         self.options = dict(options)
         self.seed = seed
         self.threads = threads
+        self._step: StepConfig | None = None
+        unknown = sorted(set(self.options) - set(self.OPTIONS))
+        if unknown:
+            raise ValueError(
+                f"unknown {self.backend} backend option(s) {unknown}; "
+                f"expected one of {sorted(self.OPTIONS)}"
+            )
+
+    @property
+    def backend(self) -> str:
+        """The backend's name: its module's, dpscale.backends.<name>."""
+        return type(self).__module__.rsplit(".", 1)[-1]
 
     # -- model ------------------------------------------------------------------------------
     @abc.abstractmethod
@@ -93,35 +140,121 @@ class Adapter(abc.ABC):
         cannot freeze leaves this as is, and the runner names the ones that can."""
         raise NotImplementedError(f"{type(self).__module__} cannot freeze parameters")
 
-    # -- training ---------------------------------------------------------------------------
-    @abc.abstractmethod
-    def setup_training(self, step: StepConfig) -> None:
-        """Create optimizer state and the DP machinery; called once before the first step."""
+    # -- the logical step (here, once) ------------------------------------------------------
+    def check_batch(self, batch: Batch, physical: int | None = None) -> None:
+        """One-line errors for a malformed padded chunk (of `physical` rows, if given)."""
+        x, n = batch.x, len(batch.x)
+        if np.shape(batch.y) != (n,) or np.shape(batch.mask) != (n,):
+            raise ValueError(
+                f"batch has x {np.shape(x)}, y {np.shape(batch.y)}, mask {np.shape(batch.mask)}; "
+                "expected one label and one mask entry per image"
+            )
+        want = (self.spec.image_size, self.spec.image_size, self.spec.in_channels)
+        if tuple(np.shape(x)[1:]) != want:
+            raise ValueError(
+                f"batch images have shape {np.shape(x)[1:]}; expected {want} (H, W, C)"
+            )
+        if physical is not None and n != physical:
+            raise ValueError(
+                f"batch has {n} rows; expected the physical batch size {physical} (pad with a mask)"
+            )
 
-    @abc.abstractmethod
+    def setup_training(self, step: StepConfig) -> None:
+        """Optimizer state and the DP machinery; before the first step and before
+        load_checkpoint (which restores into that state)."""
+        self._setup(step)
+        self._step = step
+
+    def _require_setup(self, what: str) -> StepConfig:
+        if self._step is None:
+            raise RuntimeError(f"{self.backend} backend: {what} called before setup_training")
+        return self._step
+
     def train_step(self, chunks: list[Batch], lr: float) -> float:
         """One logical step over its physical chunks; returns the mean loss of the real examples."""
+        cfg = self._require_setup("train_step")
+        for chunk in chunks:
+            self.check_batch(chunk, cfg.physical_batch_size)
+        loss_sum, count = 0.0, 0
+        for chunk in chunks:
+            if chunk.size:  # an all-padding chunk adds nothing; skip its compute
+                loss_sum += float(self._accumulate(chunk, cfg.private))
+                count += chunk.size
+        if cfg.private:
+            # One draw per logical step, whatever its chunking, also for an empty logical batch
+            # (Poisson sampling can draw nobody); divided by B, never by the realized size.
+            self._apply(cfg.noise_multiplier * cfg.clip_norm, cfg.expected_batch_size, lr)
+        else:
+            self._apply(None, float(max(count, 1)), lr)
+        # An empty logical batch has no loss to average; 0.0 keeps the runner's NaN check quiet.
+        return loss_sum / count if count else 0.0
+
+    def clipped_grad_sum(self, batch: Batch, clip_norm: float) -> dict[str, np.ndarray]:
+        """Sum over real examples of per-example gradients clipped to `clip_norm`, no noise, in
+        canonical names and layouts, computed with the same machinery as the DP step."""
+        self.check_batch(batch)
+        if clip_norm <= 0:
+            raise ValueError(f"clip_norm={clip_norm}; expected > 0")
+        return self._clipped_grad_sum(batch, float(clip_norm))
 
     @abc.abstractmethod
-    def clipped_grad_sum(self, batch: Batch, clip_norm: float) -> dict[str, np.ndarray]:
-        """Sum over real examples of per-example gradients clipped to `clip_norm`, no noise.
+    def _setup(self, step: StepConfig) -> None: ...
 
-        Canonical names and layouts; computed with the same machinery as the DP step.
-        """
+    @abc.abstractmethod
+    def _accumulate(self, chunk: Batch, private: bool) -> float: ...
+
+    @abc.abstractmethod
+    def _apply(self, noise_std: float | None, divisor: float, lr: float) -> None: ...
+
+    @abc.abstractmethod
+    def _clipped_grad_sum(self, batch: Batch, clip_norm: float) -> dict[str, np.ndarray]: ...
 
     @abc.abstractmethod
     def reseed(self, seed: int) -> None:
         """Reset the framework's noise RNG; the runner calls it at each epoch start so that a
         resumed run draws the same noise as an unbroken one."""
 
+    # -- checkpoints: one format, written and read here -------------------------------------
     @abc.abstractmethod
-    def save_checkpoint(self, path: Path) -> None:
-        """Weights and optimizer state, to the file `path`."""
+    def _momentum(self) -> dict[str, np.ndarray]:
+        """The momentum buffers by canonical name, canonical layout (trainable parameters)."""
 
     @abc.abstractmethod
+    def _set_momentum(self, momentum: dict[str, np.ndarray]) -> None: ...
+
+    @abc.abstractmethod
+    def _noise_state(self) -> np.ndarray:
+        """The noise RNG's state as an array (restored by _set_noise_state)."""
+
+    @abc.abstractmethod
+    def _set_noise_state(self, state: np.ndarray) -> None: ...
+
+    def save_checkpoint(self, path: Path) -> None:
+        """Weights, momentum and the noise RNG's state, to the file `path` (atomically)."""
+        self._require_setup("save_checkpoint")
+        arrays = {"format": np.array(CHECKPOINT_FORMAT), "backend": np.array(self.backend)}
+        arrays.update({f"w/{n}": w for n, w in self.get_weights().items()})
+        arrays.update({f"m/{n}": np.asarray(m, np.float32) for n, m in self._momentum().items()})
+        arrays["noise_state"] = np.asarray(self._noise_state())
+        atomic.write_npz(Path(path), arrays)
+
     def load_checkpoint(self, path: Path) -> None:
-        """Restore what `save_checkpoint` wrote; called after `setup_training`, so the optimizer
-        state it restores into exists."""
+        """Restore what save_checkpoint wrote; after setup_training, whose state it fills."""
+        self._require_setup("load_checkpoint")
+        try:
+            with np.load(Path(path), allow_pickle=False) as z:
+                arrays = {k: z[k] for k in z.files}
+        except (OSError, ValueError) as err:
+            raise ValueError(f"{path} is not a {self.backend}-backend checkpoint ({err})") from err
+        found = (str(arrays.get("format", "")), str(arrays.get("backend", "")))
+        if found != (CHECKPOINT_FORMAT, self.backend):
+            raise ValueError(
+                f"{path} is not a {self.backend}-backend checkpoint: format {found[0]!r} of "
+                f"backend {found[1]!r}; expected {CHECKPOINT_FORMAT!r} of {self.backend!r}"
+            )
+        self.set_weights({k[2:]: v for k, v in arrays.items() if k.startswith("w/")})
+        self._set_momentum({k[2:]: v for k, v in arrays.items() if k.startswith("m/")})
+        self._set_noise_state(arrays["noise_state"])
 
     # -- reporting (optional) ---------------------------------------------------------------
     def backend_epsilon(self, sample_rate: float, steps: int, delta: float) -> dict | None:

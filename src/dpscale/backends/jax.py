@@ -25,7 +25,6 @@ in the DP step on CPU, XLA's everywhere else (non-private steps, prediction, GPU
 from __future__ import annotations
 
 from functools import partial
-from pathlib import Path
 
 import jax
 import jax.numpy as jnp
@@ -35,11 +34,9 @@ from jax import lax
 
 from dpscale.backends import _jax_common as jc
 from dpscale.backends.base import Adapter as BaseAdapter
-from dpscale.backends.base import Batch, StepConfig
+from dpscale.backends.base import Batch, StepConfig, check_weights
 from dpscale.models.resnet import GN_EPS, ResNetSpec, blocks, init_weights, param_shapes
 
-KNOWN_OPTIONS = {"eval_batch_size", "compilation_cache", "conv"}
-CHECKPOINT_FORMAT = "dpscale-jax-1"
 CLIP_EPS = 1e-6  # as the reference: guards 0/0 for an all-zero gradient
 
 
@@ -190,14 +187,14 @@ def _apply(tx, params, opt_state, gsum, key, std, divisor, lr, momentum, noisy: 
 
 class Adapter(BaseAdapter):
     mode = "jax-vmap"
+    OPTIONS = {
+        "eval_batch_size": "rows per prediction call",
+        "compilation_cache": "XLA's persistent cache: true, false or a folder",
+        "conv": "auto, xla or patches",
+    }
 
     def __init__(self, spec: ResNetSpec, options: dict, seed: int, threads: int) -> None:
         super().__init__(spec, options, seed, threads)
-        unknown = sorted(set(self.options) - KNOWN_OPTIONS)
-        if unknown:
-            raise ValueError(
-                f"unknown jax backend option(s) {unknown}; expected {sorted(KNOWN_OPTIONS)}"
-            )
         self._threads_applied = jc.configure_threads(threads)  # before any computation
         self._cache_dir = jc.compilation_cache_dir(self.options.get("compilation_cache", True))
         jc.enable_compilation_cache(jax, self._cache_dir)
@@ -212,11 +209,10 @@ class Adapter(BaseAdapter):
         self._conv_dp, self._conv = jc.conv_impls(option, jax.default_backend(), "jax")
         self.mode = "jax-vmap" if self._conv_dp == "patches" else "jax-vmap-xlaconv"
         self._predict = jax.jit(partial(forward, spec=spec, impl=self._conv))
-        self._step: StepConfig | None = None
         # lr and momentum are injected hyperparameters (traced), so the update compiles once.
         self._tx = optax.inject_hyperparams(optax.sgd)(learning_rate=0.0, momentum=0.0)
         self._opt_state = None
-        self._pending_momentum: dict | None = None
+        self._gsum = None  # the logical step's accumulated gradient sum
         self._apply_noisy = jax.jit(partial(_apply, self._tx, noisy=True))
         self._apply_plain = jax.jit(partial(_apply, self._tx, noisy=False))
 
@@ -228,112 +224,75 @@ class Adapter(BaseAdapter):
         return {n: np.asarray(self.params[n], dtype=np.float32) for n in self._shapes}
 
     def set_weights(self, weights: dict[str, np.ndarray]) -> None:
-        jc.check_weights(weights, self._shapes)
+        check_weights(weights, self._shapes)
         self.params = {n: jnp.asarray(weights[n], dtype=jnp.float32) for n in self._shapes}
 
     def predict(self, x: np.ndarray) -> np.ndarray:
-        x = np.asarray(x, dtype=np.float32)
-        n = len(x)
-        # A few fixed shapes only: full chunks of eval_rows, smaller inputs padded to a power of 2.
-        rows = min(self._eval_rows, 1 << max(n - 1, 0).bit_length())
-        out = []
-        for i in range(0, n, rows):
-            part = x[i : i + rows]
-            out.append(np.asarray(self._predict(self.params, jc.pad_rows(part, rows)))[: len(part)])
-        if not out:
-            return np.zeros((0, self.spec.num_classes), dtype=np.float32)
-        return np.concatenate(out).astype(np.float32)
+        return jc.predict_padded(
+            lambda rows: self._predict(self.params, rows), x, self._eval_rows, self.spec.num_classes
+        )
 
-    def _device_batch(self, batch: Batch, physical: int | None):
-        jc.check_batch(batch.x, batch.y, batch.mask, physical)
+    def _device_batch(self, batch: Batch):
         return (
             jnp.asarray(batch.x, dtype=jnp.float32),
             jnp.asarray(batch.y, dtype=jnp.int32),
             jnp.asarray(batch.mask, dtype=jnp.float32),
         )
 
-    # -- training ---------------------------------------------------------------------------
-    def setup_training(self, step: StepConfig) -> None:
-        self._step = step
+    # -- the step's hooks -------------------------------------------------------------------
+    def _setup(self, step: StepConfig) -> None:
         self._opt_state = self._tx.init(self.params)
-        if self._pending_momentum is not None:  # a checkpoint loaded before setup
-            self._set_momentum(self._pending_momentum)
-            self._pending_momentum = None
+        self._gsum = None
 
-    def train_step(self, chunks: list[Batch], lr: float) -> float:
-        if self._step is None:
-            raise RuntimeError("train_step called before setup_training")
-        cfg = self._step
-        gsum, loss_sum, count = None, 0.0, 0
-        for batch in chunks:
-            n = batch.size
-            if n == 0:  # an all-padding chunk adds nothing; skip its compute
-                continue
-            x, y, m = self._device_batch(batch, cfg.physical_batch_size)
-            if cfg.private:
-                g, loss = dp_chunk(self.params, x, y, m, cfg.clip_norm, self.spec, self._conv_dp)
-            else:
-                g, loss = nonprivate_chunk(self.params, x, y, m, self.spec, self._conv)
-            gsum = g if gsum is None else tree_add(gsum, g)
-            loss_sum += float(loss)
-            count += n
-        if gsum is None:  # Poisson sampling drew nobody: the step is noise (or nothing) alone
-            gsum = jax.tree.map(jnp.zeros_like, self.params)
-        if cfg.private:
-            std = cfg.noise_multiplier * cfg.clip_norm
-            apply, divisor = self._apply_noisy, cfg.expected_batch_size
+    def _accumulate(self, chunk: Batch, private: bool) -> float:
+        x, y, m = self._device_batch(chunk)
+        if private:
+            g, loss = dp_chunk(self.params, x, y, m, self._step.clip_norm, self.spec, self._conv_dp)
         else:
-            apply, divisor = self._apply_plain, float(max(count, 1))
+            g, loss = nonprivate_chunk(self.params, x, y, m, self.spec, self._conv)
+        self._gsum = g if self._gsum is None else tree_add(self._gsum, g)
+        return float(loss)
+
+    def _apply(self, noise_std: float | None, divisor: float, lr: float) -> None:
+        gsum = self._gsum
+        if gsum is None:  # no real row in the logical batch: noise (or nothing) alone
+            gsum = jax.tree.map(jnp.zeros_like, self.params)
+        apply = self._apply_plain if noise_std is None else self._apply_noisy
         self.params, self._opt_state, self._key = apply(
             self.params,
             self._opt_state,
             gsum,
             self._key,
-            std if cfg.private else 0.0,
+            noise_std or 0.0,
             divisor,
             lr,
-            cfg.momentum,
+            self._step.momentum,
         )
-        return loss_sum / count if count else 0.0
+        self._gsum = None
 
-    def clipped_grad_sum(self, batch: Batch, clip_norm: float) -> dict[str, np.ndarray]:
-        x, y, m = self._device_batch(batch, None)
-        g, _ = dp_chunk(self.params, x, y, m, float(clip_norm), self.spec, self._conv_dp)
+    def _clipped_grad_sum(self, batch: Batch, clip_norm: float) -> dict[str, np.ndarray]:
+        x, y, m = self._device_batch(batch)
+        g, _ = dp_chunk(self.params, x, y, m, clip_norm, self.spec, self._conv_dp)
         return {n: np.asarray(g[n], dtype=np.float32) for n in self._shapes}
 
     def reseed(self, seed: int) -> None:
         self._key = jax.random.key(int(seed))
 
-    # -- checkpoints ------------------------------------------------------------------------
-    def _momentum(self) -> dict:
-        if self._opt_state is None:
-            return self._pending_momentum or {
-                n: np.zeros(s, np.float32) for n, s in self._shapes.items()
-            }
-        return optax.tree_utils.tree_get(self._opt_state, "trace")
+    # -- checkpoint state -------------------------------------------------------------------
+    def _momentum(self) -> dict[str, np.ndarray]:
+        trace = optax.tree_utils.tree_get(self._opt_state, "trace")
+        return {n: np.asarray(trace[n], dtype=np.float32) for n in self._shapes}
 
-    def _set_momentum(self, momentum: dict) -> None:
+    def _set_momentum(self, momentum: dict[str, np.ndarray]) -> None:
+        check_weights(momentum, self._shapes)
         trace = {n: jnp.asarray(momentum[n], dtype=jnp.float32) for n in self._shapes}
         self._opt_state = optax.tree_utils.tree_set(self._opt_state, trace=trace)
 
-    def save_checkpoint(self, path: Path) -> None:
-        arrays = {"format": np.array(CHECKPOINT_FORMAT)}
-        arrays.update({f"w/{n}": w for n, w in self.get_weights().items()})
-        momentum = self._momentum()
-        arrays.update({f"m/{n}": np.asarray(momentum[n], dtype=np.float32) for n in self._shapes})
-        arrays["noise_key"] = np.asarray(jax.random.key_data(self._key))
-        jc.save_npz_atomic(Path(path), arrays)
+    def _noise_state(self) -> np.ndarray:
+        return np.asarray(jax.random.key_data(self._key))
 
-    def load_checkpoint(self, path: Path) -> None:
-        arrays = jc.load_npz(Path(path), CHECKPOINT_FORMAT)
-        weights, momentum = jc.split_checkpoint(arrays, list(self._shapes))
-        self.set_weights(weights)
-        if self._opt_state is None:
-            self._pending_momentum = momentum
-        else:
-            self._set_momentum(momentum)
-        if "noise_key" in arrays:
-            self._key = jax.random.wrap_key_data(jnp.asarray(arrays["noise_key"]))
+    def _set_noise_state(self, state: np.ndarray) -> None:
+        self._key = jax.random.wrap_key_data(jnp.asarray(state))
 
     # -- reporting --------------------------------------------------------------------------
     def device(self) -> str:

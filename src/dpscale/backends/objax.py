@@ -31,7 +31,6 @@ from __future__ import annotations
 
 import inspect
 import warnings
-from pathlib import Path
 
 import jax
 import jax.numpy as jn
@@ -41,14 +40,12 @@ from objax.privacy.dpsgd import PrivateGradValues, analyze_dp
 
 from dpscale.backends import _jax_common as jc
 from dpscale.backends.base import Adapter as BaseAdapter
-from dpscale.backends.base import Batch, StepConfig
+from dpscale.backends.base import Batch, StepConfig, check_weights
 from dpscale.models.resnet import GN_EPS, ResNetSpec, blocks, init_weights, param_shapes
 
 # Objax 1.8 calls jax.tree_map, deprecated (not yet removed) in jax 0.5.3.
 warnings.filterwarnings("ignore", message=".*jax.tree_map is deprecated.*")
 
-KNOWN_OPTIONS = {"use_norm_accumulation", "eval_batch_size", "compilation_cache", "conv"}
-CHECKPOINT_FORMAT = "dpscale-objax-1"
 # analyze_dp's own default order list, recorded with its epsilon.
 OBJAX_ORDERS = tuple(inspect.signature(analyze_dp).parameters["orders"].default)
 
@@ -170,14 +167,15 @@ class ResNet18(objax.Module):
 
 class Adapter(BaseAdapter):
     mode = "objax-pgv"
+    OPTIONS = {
+        "use_norm_accumulation": "PGV's two-pass mode",
+        "eval_batch_size": "rows per prediction call",
+        "compilation_cache": "XLA's persistent cache: true, false or a folder",
+        "conv": "xla, auto or patches",
+    }
 
     def __init__(self, spec: ResNetSpec, options: dict, seed: int, threads: int) -> None:
         super().__init__(spec, options, seed, threads)
-        unknown = sorted(set(self.options) - KNOWN_OPTIONS)
-        if unknown:
-            raise ValueError(
-                f"unknown objax backend option(s) {unknown}; expected {sorted(KNOWN_OPTIONS)}"
-            )
         self._threads_applied = jc.configure_threads(threads)  # before any computation
         self._cache_dir = jc.compilation_cache_dir(self.options.get("compilation_cache", True))
         jc.enable_compilation_cache(jax, self._cache_dir)
@@ -227,8 +225,7 @@ class Adapter(BaseAdapter):
         # lr, momentum, std and B are traced: these compile once, whatever the StepConfig.
         self._apply_noisy = objax.Jit(apply_noisy, opt_vars + self._noise_gen.vars())
         self._apply_plain = objax.Jit(apply_plain, opt_vars)
-        self._step: StepConfig | None = None
-        self._momentum_loaded = False
+        self._gsum = None  # the logical step's accumulated gradient sum
 
     # -- model ------------------------------------------------------------------------------
     def num_params(self) -> int:
@@ -241,22 +238,12 @@ class Adapter(BaseAdapter):
         }
 
     def set_weights(self, weights: dict[str, np.ndarray]) -> None:
-        jc.check_weights(weights, self._shapes)
+        check_weights(weights, self._shapes)
         for n, (kind, var) in self.model.canonical.items():
             var.assign(jn.asarray(to_objax(kind, np.asarray(weights[n], dtype=np.float32))))
 
     def predict(self, x: np.ndarray) -> np.ndarray:
-        x = np.asarray(x, dtype=np.float32)
-        n = len(x)
-        # A few fixed shapes only: full chunks of eval_rows, smaller inputs padded to a power of 2.
-        rows = min(self._eval_rows, 1 << max(n - 1, 0).bit_length())
-        out = []
-        for i in range(0, n, rows):
-            part = x[i : i + rows]
-            out.append(np.asarray(self._predict(jc.pad_rows(part, rows)))[: len(part)])
-        if not out:
-            return np.zeros((0, self.spec.num_classes), dtype=np.float32)
-        return np.concatenate(out).astype(np.float32)
+        return jc.predict_padded(self._predict, x, self._eval_rows, self.spec.num_classes)
 
     # -- the math ---------------------------------------------------------------------------
     def _masked_loss_sum(self, x, y, m):
@@ -292,8 +279,7 @@ class Adapter(BaseAdapter):
 
         return objax.Jit(chunk, pgv.vars())
 
-    def _device_batch(self, batch: Batch, physical: int | None):
-        jc.check_batch(batch.x, batch.y, batch.mask, physical)
+    def _device_batch(self, batch: Batch):
         return (
             jn.asarray(batch.x, dtype=jn.float32),
             jn.asarray(batch.y, dtype=jn.int32),
@@ -307,68 +293,55 @@ class Adapter(BaseAdapter):
             for n, g in zip(self._order, grads, strict=True)
         }
 
-    # -- training ---------------------------------------------------------------------------
-    def setup_training(self, step: StepConfig) -> None:
-        self._step = step
-        if not self._momentum_loaded:
-            for m in self._opt.m:
-                m.assign(jn.zeros_like(m.value))
-        self._momentum_loaded = False
+    # -- the step's hooks -------------------------------------------------------------------
+    def _setup(self, step: StepConfig) -> None:
+        for m in self._opt.m:
+            m.assign(jn.zeros_like(m.value))
+        self._gsum = None
 
-    def train_step(self, chunks: list[Batch], lr: float) -> float:
-        if self._step is None:
-            raise RuntimeError("train_step called before setup_training")
-        cfg = self._step
-        gsum, loss_sum, count = None, 0.0, 0
-        for batch in chunks:
-            n = batch.size
-            if n == 0:  # an all-padding chunk adds nothing; skip its compute
-                continue
-            x, y, m = self._device_batch(batch, cfg.physical_batch_size)
-            if cfg.private:
-                g, loss = self._dp_chunk(x, y, m, float(cfg.clip_norm))
-            else:
-                g, (loss,) = self._nonprivate_chunk(x, y, m)
-            gsum = g if gsum is None else self._add(gsum, g)
-            loss_sum += float(loss)
-            count += n
-        if gsum is None:  # Poisson sampling drew nobody: the step is noise (or nothing) alone
-            gsum = [jn.zeros_like(v.value) for v in self.model_vars.subset(objax.TrainVar)]
-        if cfg.private:
-            std = cfg.noise_multiplier * cfg.clip_norm
-            self._apply_noisy(gsum, lr, cfg.momentum, std, cfg.expected_batch_size)
+    def _accumulate(self, chunk: Batch, private: bool) -> float:
+        x, y, m = self._device_batch(chunk)
+        if private:
+            g, loss = self._dp_chunk(x, y, m, float(self._step.clip_norm))
         else:
-            self._apply_plain(gsum, lr, cfg.momentum, float(max(count, 1)))
-        return loss_sum / count if count else 0.0
+            g, (loss,) = self._nonprivate_chunk(x, y, m)
+        self._gsum = g if self._gsum is None else self._add(self._gsum, g)
+        return float(loss)
 
-    def clipped_grad_sum(self, batch: Batch, clip_norm: float) -> dict[str, np.ndarray]:
-        x, y, m = self._device_batch(batch, None)
-        grads, _ = self._dp_chunk(x, y, m, float(clip_norm))
+    def _apply(self, noise_std: float | None, divisor: float, lr: float) -> None:
+        gsum = self._gsum
+        if gsum is None:  # no real row in the logical batch: noise (or nothing) alone
+            gsum = [jn.zeros_like(v.value) for v in self.model_vars.subset(objax.TrainVar)]
+        if noise_std is None:
+            self._apply_plain(gsum, lr, self._step.momentum, divisor)
+        else:
+            self._apply_noisy(gsum, lr, self._step.momentum, noise_std, divisor)
+        self._gsum = None
+
+    def _clipped_grad_sum(self, batch: Batch, clip_norm: float) -> dict[str, np.ndarray]:
+        x, y, m = self._device_batch(batch)
+        grads, _ = self._dp_chunk(x, y, m, clip_norm)
         return self._grads_to_canonical(grads)
 
     def reseed(self, seed: int) -> None:
         self._noise_gen.seed(int(seed))
         self._pgv_gen.seed(int(seed))
 
-    # -- checkpoints ------------------------------------------------------------------------
-    def save_checkpoint(self, path: Path) -> None:
-        arrays = {"format": np.array(CHECKPOINT_FORMAT)}
-        arrays.update({f"w/{n}": w for n, w in self.get_weights().items()})
-        arrays.update({f"m/{n}": m for n, m in self._grads_to_canonical(self._opt.m).items()})
-        arrays["noise_key"] = np.asarray(self._noise_gen.key.value)
-        jc.save_npz_atomic(Path(path), arrays)
+    # -- checkpoint state -------------------------------------------------------------------
+    def _momentum(self) -> dict[str, np.ndarray]:
+        return self._grads_to_canonical(self._opt.m)
 
-    def load_checkpoint(self, path: Path) -> None:
-        arrays = jc.load_npz(Path(path), CHECKPOINT_FORMAT)
-        weights, momentum = jc.split_checkpoint(arrays, list(self._shapes))
-        self.set_weights(weights)
+    def _set_momentum(self, momentum: dict[str, np.ndarray]) -> None:
+        check_weights(momentum, self._shapes)
         kinds = {n: kind for n, (kind, _) in self.model.canonical.items()}
         for n, m in zip(self._order, self._opt.m, strict=True):
             m.assign(jn.asarray(to_objax(kinds[n], momentum[n])))
-        if "noise_key" in arrays:
-            self._noise_gen.key.assign(jn.asarray(arrays["noise_key"]))
-        # setup_training, if it comes after this, must keep the loaded momentum.
-        self._momentum_loaded = self._step is None
+
+    def _noise_state(self) -> np.ndarray:
+        return np.asarray(self._noise_gen.key.value)
+
+    def _set_noise_state(self, state: np.ndarray) -> None:
+        self._noise_gen.key.assign(jn.asarray(state))
 
     # -- reporting --------------------------------------------------------------------------
     def backend_epsilon(self, sample_rate: float, steps: int, delta: float) -> dict | None:

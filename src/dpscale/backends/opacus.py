@@ -20,7 +20,6 @@ Non-private: plain torch SGD on the same model, hooks off.
 from __future__ import annotations
 
 import warnings
-from pathlib import Path
 
 import numpy as np
 import torch
@@ -39,7 +38,6 @@ from dpscale.backends.base import Batch, StepConfig
 from dpscale.models.resnet import ResNetSpec, init_weights
 
 MODES = ("hooks", "functorch", "ghost")
-KNOWN_OPTIONS = {"grad_sample_mode", "fast_samplers", "device"}
 
 # Noise only, no behaviour change: the pseudo-RNG is what seeded, reproducible runs need, and
 # the first conv's input never requires grad, which Opacus' full backward hooks report.
@@ -48,13 +46,14 @@ warnings.filterwarnings("ignore", message=r"Full backward hook is firing when gr
 
 
 class Adapter(tr.TorchModel, BaseAdapter):
+    OPTIONS = {
+        "grad_sample_mode": "hooks, functorch or ghost",
+        "fast_samplers": "dpscale's faster Conv2d sampler and storage (same numbers)",
+        "device": "auto, cpu or cuda[:i]",
+    }
+
     def __init__(self, spec: ResNetSpec, options: dict, seed: int, threads: int) -> None:
         super().__init__(spec, options, seed, threads)
-        unknown = sorted(set(self.options) - KNOWN_OPTIONS)
-        if unknown:
-            raise ValueError(
-                f"unknown opacus backend option(s) {unknown}; expected {sorted(KNOWN_OPTIONS)}"
-            )
         self.grad_sample_mode = self.options.get("grad_sample_mode", "hooks")
         if self.grad_sample_mode not in MODES:
             raise ValueError(
@@ -73,10 +72,8 @@ class Adapter(tr.TorchModel, BaseAdapter):
         self._gen = torch.Generator(device=self._device)
         self._gen.manual_seed(seed)
         self._gsm = None  # Opacus' per-sample machinery, built on first private use
-        self._step: StepConfig | None = None
         self._sgd: torch.optim.SGD | None = None
         self._dp: DPOptimizer | None = None
-        self._pending_momentum: dict[str, torch.Tensor] | None = None
 
     # -- Opacus machinery -------------------------------------------------------------------
     @property
@@ -115,17 +112,6 @@ class Adapter(tr.TorchModel, BaseAdapter):
             secure_mode=False,
         )
 
-    def _real_rows(self, batch: Batch) -> tuple[torch.Tensor, torch.Tensor] | None:
-        mask = np.asarray(batch.mask, dtype=bool)
-        if mask.shape != (len(batch.x),) or len(batch.y) != len(batch.x):
-            raise ValueError(
-                f"batch has x {np.shape(batch.x)}, y {np.shape(batch.y)}, mask {mask.shape}; "
-                "expected one label and one mask entry per image"
-            )
-        if not mask.any():
-            return None
-        return tr.to_images(batch.x[mask], self._device), tr.to_labels(batch.y[mask], self._device)
-
     def _dp_backward(self, gsm, opt, x: torch.Tensor, y: torch.Tensor) -> float:
         """Forward/backward of one chunk's real rows; returns its loss sum."""
         logits = gsm(x)
@@ -140,53 +126,16 @@ class Adapter(tr.TorchModel, BaseAdapter):
         loss.backward()
         return float(loss.detach()) * len(y)
 
-    def _empty_batch(self, opt) -> None:
-        """What a zero-row Poisson batch leaves behind, so opt.step() adds noise only."""
+    def _no_rows(self) -> None:
+        """What a chunk of zero rows leaves behind, so an optimizer step adds nothing of it."""
         for p in self.trainable().values():
             if self._ghost:
                 p.grad = torch.zeros_like(p)
             else:
                 p.grad_sample = torch.zeros((0, *p.shape), device=p.device, dtype=p.dtype)
 
-    def _dp_logical_step(self, gsm, opt, chunks: list[Batch]) -> tuple[float, int]:
-        rows = [r for r in map(self._real_rows, chunks) if r is not None]
-        opt.zero_grad(set_to_none=True)
-        loss_sum, count = 0.0, 0
-        if not rows:
-            self._empty_batch(opt)
-        for i, (x, y) in enumerate(rows):
-            loss_sum += self._dp_backward(gsm, opt, x, y)
-            count += len(y)
-            if i < len(rows) - 1:
-                # Clip and accumulate this chunk; noise and the update wait for the last one.
-                opt.signal_skip_step(do_skip=True)
-                opt.step()
-                opt.zero_grad(set_to_none=True)
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        return loss_sum, count
-
-    def _nonprivate_logical_step(self, chunks: list[Batch]) -> tuple[float, int]:
-        if self._gsm is not None:
-            self._gsm.disable_hooks()
-        rows = [r for r in map(self._real_rows, chunks) if r is not None]
-        count = sum(len(y) for _, y in rows)
-        self._sgd.zero_grad(set_to_none=False)  # zeros, so an empty batch still steps momentum
-        loss_sum = 0.0
-        for x, y in rows:
-            loss = F.cross_entropy(self.model(x), y, reduction="sum")
-            (loss / count).backward()
-            loss_sum += float(loss.detach())
-        for p in self.trainable().values():
-            if p.grad is None:
-                p.grad = torch.zeros_like(p)
-        self._sgd.step()
-        self._sgd.zero_grad(set_to_none=True)
-        return loss_sum, count
-
-    # -- training ---------------------------------------------------------------------------
-    def setup_training(self, step: StepConfig) -> None:
-        self._step = step
+    # -- the step's hooks -------------------------------------------------------------------
+    def _setup(self, step: StepConfig) -> None:
         self._sgd = torch.optim.SGD(self.trainable().values(), lr=0.0, momentum=step.momentum)
         self._dp = None
         if step.private:
@@ -194,34 +143,54 @@ class Adapter(tr.TorchModel, BaseAdapter):
             self._dp = self._dp_optimizer(
                 self._sgd, step.noise_multiplier, step.clip_norm, step.expected_batch_size
             )
-        if self._pending_momentum is not None:
-            self._set_momentum(self._pending_momentum)
-            self._pending_momentum = None
 
-    def train_step(self, chunks: list[Batch], lr: float) -> float:
-        if self._step is None:
-            raise RuntimeError("train_step called before setup_training")
+    def _accumulate(self, chunk: Batch, private: bool) -> float:
+        x, y = tr.real_rows(chunk, self._device)
+        if private:
+            # Clipped into Opacus' summed_grad by a skipped step, as its BatchMemoryManager
+            # does: noise and the update wait for _apply's step.
+            loss_sum = self._dp_backward(
+                self._grad_sample_module(self._step.clip_norm), self._dp, x, y
+            )
+            self._dp.signal_skip_step(do_skip=True)
+            self._dp.step()
+            self._dp.zero_grad(set_to_none=True)
+            return loss_sum
+        if self._gsm is not None:
+            self._gsm.disable_hooks()
+        loss = F.cross_entropy(self.model(x), y, reduction="sum")
+        loss.backward()  # accumulates into p.grad; _apply divides by the count
+        return float(loss.detach())
+
+    def _apply(self, noise_std: float | None, divisor: float, lr: float) -> None:
         for group in self._sgd.param_groups:
             group["lr"] = lr
-        if self._step.private:
-            gsm = self._grad_sample_module(self._step.clip_norm)
-            loss_sum, count = self._dp_logical_step(gsm, self._dp, chunks)
-        else:
-            loss_sum, count = self._nonprivate_logical_step(chunks)
-        # An empty logical batch has no loss to average; 0.0 keeps the runner's NaN check quiet.
-        return loss_sum / count if count else 0.0
+        if noise_std is not None:
+            # Opacus' own step over the summed clipped gradients: one noise draw of std
+            # sigma*C from this adapter's generator, division by B (expected_batch_size),
+            # then the momentum step.
+            self._no_rows()
+            self._dp.step()
+            self._dp.zero_grad(set_to_none=True)
+            return
+        with torch.no_grad():
+            for p in self.trainable().values():
+                if p.grad is None:  # an empty batch: momentum still steps
+                    p.grad = torch.zeros_like(p)
+                p.grad /= divisor
+        self._sgd.step()
+        self._sgd.zero_grad(set_to_none=True)
 
-    def clipped_grad_sum(self, batch: Batch, clip_norm: float) -> dict[str, np.ndarray]:
+    def _clipped_grad_sum(self, batch: Batch, clip_norm: float) -> dict[str, np.ndarray]:
         """The DP step's own machinery with sigma=0 and divisor 1, stopped before the update."""
         gsm = self._grad_sample_module(clip_norm)
         probe = torch.optim.SGD(self.trainable().values(), lr=0.0)
         opt = self._dp_optimizer(probe, 0.0, clip_norm, 1.0)
         opt.zero_grad(set_to_none=True)
-        rows = self._real_rows(batch)
-        if rows is None:
-            self._empty_batch(opt)
+        if batch.size:
+            self._dp_backward(gsm, opt, *tr.real_rows(batch, self._device))
         else:
-            self._dp_backward(gsm, opt, *rows)
+            self._no_rows()
         opt.pre_step()  # clip, accumulate, add zero noise, divide by 1: p.grad is the sum
         out = {
             n: p.grad.detach().cpu().numpy().astype(np.float32, copy=True)
@@ -235,39 +204,25 @@ class Adapter(tr.TorchModel, BaseAdapter):
     def reseed(self, seed: int) -> None:
         self._gen.manual_seed(int(seed))
 
-    # -- checkpoints ------------------------------------------------------------------------
-    def _momentum(self) -> dict[str, torch.Tensor]:
-        if self._sgd is None:
-            return {}
+    # -- checkpoint state -------------------------------------------------------------------
+    def _momentum(self) -> dict[str, np.ndarray]:
+        """torch's SGD creates a buffer at a parameter's first step: zeros until then."""
         out = {}
-        for name, p in self.model.named_parameters():
+        for name, p in self.trainable().items():
             buf = self._sgd.state.get(p, {}).get("momentum_buffer")
-            if buf is not None:
-                out[name] = buf.detach().cpu().clone()
+            out[name] = (torch.zeros_like(p) if buf is None else buf).detach().cpu().numpy()
         return out
 
-    def _set_momentum(self, buffers: dict[str, torch.Tensor]) -> None:
-        for name, p in self.model.named_parameters():
-            if name in buffers:
-                self._sgd.state[p]["momentum_buffer"] = buffers[name].to(p.device, p.dtype)
+    def _set_momentum(self, momentum: dict[str, np.ndarray]) -> None:
+        params = self.trainable()
+        for name, buf in tr.tensors_like(momentum, params).items():
+            self._sgd.state[params[name]]["momentum_buffer"] = buf
 
-    def save_checkpoint(self, path: Path) -> None:
-        state = {
-            "format": "dpscale-opacus-1",
-            "weights": {n: p.detach().cpu() for n, p in self.model.named_parameters()},
-            "momentum": self._momentum(),
-        }
-        tr.atomic_save(state, Path(path))
+    def _noise_state(self) -> np.ndarray:
+        return self._gen.get_state().numpy()
 
-    def load_checkpoint(self, path: Path) -> None:
-        state = torch.load(Path(path), map_location="cpu", weights_only=True)
-        if not isinstance(state, dict) or state.get("format") != "dpscale-opacus-1":
-            raise ValueError(f"{path} is not an opacus-backend checkpoint")
-        tr.load_canonical(self.model, {n: t.numpy() for n, t in state["weights"].items()})
-        if self._sgd is None:
-            self._pending_momentum = state["momentum"]  # applied by setup_training
-        else:
-            self._set_momentum(state["momentum"])
+    def _set_noise_state(self, state: np.ndarray) -> None:
+        self._gen.set_state(torch.from_numpy(np.asarray(state, np.uint8)))
 
     # -- reporting --------------------------------------------------------------------------
     def backend_epsilon(self, sample_rate: float, steps: int, delta: float) -> dict | None:

@@ -12,8 +12,6 @@ memory of per-example gradients, which is examples x parameters floats; default:
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import numpy as np
 import torch
 import torch.nn.functional as F
@@ -25,7 +23,6 @@ from dpscale.backends.base import Batch, StepConfig
 from dpscale.models.resnet import ResNetSpec, init_weights
 
 CLIP_EPS = 1e-6
-KNOWN_OPTIONS = {"device", "vmap_chunk"}
 
 
 def clip_factors(norms: torch.Tensor, clip_norm: float) -> torch.Tensor:
@@ -41,14 +38,13 @@ def per_example_norms(grads: dict[str, torch.Tensor]) -> torch.Tensor:
 
 class Adapter(tr.TorchModel, BaseAdapter):
     mode = "reference-torch.func"
+    OPTIONS = {
+        "device": "auto, cpu or cuda[:i]",
+        "vmap_chunk": "max examples per vmap call (bounds per-example gradient memory)",
+    }
 
     def __init__(self, spec: ResNetSpec, options: dict, seed: int, threads: int) -> None:
         super().__init__(spec, options, seed, threads)
-        unknown = sorted(set(self.options) - KNOWN_OPTIONS)
-        if unknown:
-            raise ValueError(
-                f"unknown reference backend option(s) {unknown}; expected {sorted(KNOWN_OPTIONS)}"
-            )
         tr.set_threads(threads)
         self._device = tr.pick_device(self.options)
         self._vmap_chunk = self.options.get("vmap_chunk")
@@ -56,9 +52,8 @@ class Adapter(tr.TorchModel, BaseAdapter):
             raise ValueError(f"reference option vmap_chunk={self._vmap_chunk}; expected >= 1")
         self.model = tr.ResNet18(spec).to(self._device)
         tr.load_canonical(self.model, init_weights(spec, seed))
-        self._step: StepConfig | None = None
-        self._momentum: dict[str, torch.Tensor] | None = None
-        self._momentum_from_checkpoint = False
+        self._velocity: dict[str, torch.Tensor] = {}
+        self._acc: dict[str, torch.Tensor] = {}
         self._gen = torch.Generator(device=self._device)
         self._gen.manual_seed(seed)
         # Per-example loss of one example, vmapped over the batch for per-example gradients.
@@ -80,18 +75,6 @@ class Adapter(tr.TorchModel, BaseAdapter):
         loss = F.cross_entropy(functional_call(self.model, params, (x,)), y, reduction="sum")
         return loss, loss.detach()
 
-    def _real_rows(self, batch: Batch) -> tuple[torch.Tensor, torch.Tensor] | None:
-        """The chunk's real examples; PyTorch is eager, so padding is simply sliced away."""
-        mask = np.asarray(batch.mask, dtype=bool)
-        if mask.shape != (len(batch.x),) or len(batch.y) != len(batch.x):
-            raise ValueError(
-                f"batch has x {np.shape(batch.x)}, y {np.shape(batch.y)}, mask {mask.shape}; "
-                "expected one label and one mask entry per image"
-            )
-        if not mask.any():
-            return None
-        return tr.to_images(batch.x[mask], self._device), tr.to_labels(batch.y[mask], self._device)
-
     def _clipped_sum(self, x, y, clip_norm, acc: dict[str, torch.Tensor]) -> torch.Tensor:
         """Add the clipped per-example gradients of (x, y) to `acc`; return the loss sum."""
         params = self._params()
@@ -108,83 +91,55 @@ class Adapter(tr.TorchModel, BaseAdapter):
     def _zeros(self) -> dict[str, torch.Tensor]:
         return {n: torch.zeros_like(p) for n, p in self.trainable().items()}
 
-    # -- training ---------------------------------------------------------------------------
-    def setup_training(self, step: StepConfig) -> None:
-        self._step = step
-        if not self._momentum_from_checkpoint:
-            self._momentum = self._zeros()
-        self._momentum_from_checkpoint = False
+    # -- the step's hooks -------------------------------------------------------------------
+    def _setup(self, step: StepConfig) -> None:
+        self._velocity = self._zeros()
+        self._acc = self._zeros()
 
-    def train_step(self, chunks: list[Batch], lr: float) -> float:
-        if self._step is None:
-            raise RuntimeError("train_step called before setup_training")
-        cfg = self._step
-        total = torch.zeros((), device=self._device)
-        count = 0
-        g = self._zeros()
-        for batch in chunks:
-            rows = self._real_rows(batch)
-            if rows is None:
-                continue
-            x, y = rows
-            count += len(y)
-            if cfg.private:
-                total += self._clipped_sum(x, y, cfg.clip_norm, g)
-            else:
-                grads, loss = self._mean_grad(self._params(), x, y)
-                for name, gi in grads.items():
-                    g[name] += gi
-                total += loss
-        with torch.no_grad():
-            if cfg.private:
-                # One noise draw per logical step, in canonical order, whatever its chunking;
-                # an empty logical batch still gets it (Poisson sampling can draw nobody).
-                std = cfg.noise_multiplier * cfg.clip_norm
-                for gi in g.values():
-                    if std > 0:
-                        gi += torch.normal(
-                            0.0, std, gi.shape, generator=self._gen, device=self._device
-                        )
-                    gi /= cfg.expected_batch_size
-            elif count:
-                for gi in g.values():
-                    gi /= count
-            # Heavy-ball momentum, PyTorch convention (base.py).
-            for name, p in self.trainable().items():
-                v = self._momentum[name]
-                v.mul_(cfg.momentum).add_(g[name])
-                p.sub_(lr * v)
-        # An empty logical batch has no loss to average; 0.0 keeps the runner's NaN check quiet.
-        return float(total) / count if count else 0.0
+    def _accumulate(self, chunk: Batch, private: bool) -> float:
+        x, y = tr.real_rows(chunk, self._device)
+        if private:
+            return float(self._clipped_sum(x, y, self._step.clip_norm, self._acc))
+        grads, loss = self._mean_grad(self._params(), x, y)
+        for name, g in grads.items():
+            self._acc[name] += g
+        return float(loss)
 
-    def clipped_grad_sum(self, batch: Batch, clip_norm: float) -> dict[str, np.ndarray]:
+    @torch.no_grad()
+    def _apply(self, noise_std: float | None, divisor: float, lr: float) -> None:
+        # The noise in canonical order, one tensor per parameter, from this adapter's generator.
+        for g in self._acc.values():
+            if noise_std:
+                g += torch.normal(0.0, noise_std, g.shape, generator=self._gen, device=g.device)
+            g /= divisor
+        # Heavy-ball momentum, PyTorch convention (base.py).
+        for name, p in self.trainable().items():
+            v = self._velocity[name]
+            v.mul_(self._step.momentum).add_(self._acc[name])
+            p.sub_(lr * v)
+        self._acc = self._zeros()
+
+    def _clipped_grad_sum(self, batch: Batch, clip_norm: float) -> dict[str, np.ndarray]:
         acc = self._zeros()
-        rows = self._real_rows(batch)
-        if rows is not None:
-            self._clipped_sum(*rows, clip_norm, acc)
+        if batch.size:
+            self._clipped_sum(*tr.real_rows(batch, self._device), clip_norm, acc)
         return {n: t.cpu().numpy().astype(np.float32) for n, t in acc.items()}
 
     def reseed(self, seed: int) -> None:
         self._gen.manual_seed(int(seed))
 
-    # -- checkpoints ------------------------------------------------------------------------
-    def save_checkpoint(self, path: Path) -> None:
-        state = {
-            "format": "dpscale-reference-1",
-            "weights": {n: p.detach().cpu() for n, p in self.model.named_parameters()},
-            "momentum": {n: v.cpu() for n, v in (self._momentum or {}).items()},
-        }
-        tr.atomic_save(state, Path(path))
+    # -- checkpoint state -------------------------------------------------------------------
+    def _momentum(self) -> dict[str, np.ndarray]:
+        return {n: v.cpu().numpy() for n, v in self._velocity.items()}
 
-    def load_checkpoint(self, path: Path) -> None:
-        state = torch.load(Path(path), map_location="cpu", weights_only=True)
-        if not isinstance(state, dict) or state.get("format") != "dpscale-reference-1":
-            raise ValueError(f"{path} is not a reference-backend checkpoint")
-        tr.load_canonical(self.model, {n: t.numpy() for n, t in state["weights"].items()})
-        if state["momentum"]:
-            self._momentum = {n: t.to(self._device) for n, t in state["momentum"].items()}
-            # setup_training (if called after this) must keep these buffers.
-            self._momentum_from_checkpoint = self._step is None
+    def _set_momentum(self, momentum: dict[str, np.ndarray]) -> None:
+        self._velocity = tr.tensors_like(momentum, self.trainable())
+
+    def _noise_state(self) -> np.ndarray:
+        return self._gen.get_state().numpy()
+
+    def _set_noise_state(self, state: np.ndarray) -> None:
+        self._gen.set_state(torch.from_numpy(np.asarray(state, np.uint8)))
 
     # -- reporting --------------------------------------------------------------------------
     def device(self) -> str:

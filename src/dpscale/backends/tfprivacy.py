@@ -1,10 +1,14 @@
-"""TensorFlow Privacy backend: DPModel's per-example clipping, compiled with XLA.
+"""TensorFlow Privacy backend: its fast (ghost) clipping by default, compiled with XLA.
 
-The DP path (mode "dpmodel-vmap-xla"): the model is a tensorflow_privacy DPModel; per-example
-gradients come from `tf.vectorized_map` over one-example tapes and are clipped by DPModel's own
-`_process_per_example_grads`, exactly as `DPModel.train_step` does, inside one XLA-compiled
-function per physical shape. DPModel's ghost-norm fast path needs every trainable layer in its
-layer registry, which has no Conv2D or GroupNormalization, so it cannot run on this model.
+The default DP path (mode "fast-clipping-ghost-xla", option mode=ghost): TF Privacy's fast
+gradient clipping, `clip_grads.compute_clipped_gradients_and_outputs`: per-example gradient
+norms from each layer's registry function in one forward/backward pass (TF Privacy 0.9.0 ships
+none for Conv2D and GroupNormalization, so this module registers its own, below), then the
+gradient of the loss reweighted by each row's clip factor (a second pass). Option mode=vmap
+(mode "dpmodel-vmap-xla") takes DPModel's own per-example path instead: `tf.vectorized_map`
+over one-example tapes, clipped by DPModel's `_process_per_example_grads`, exactly as
+`DPModel.train_step` does. Either runs inside one XLA-compiled function per physical shape
+(option xla=false: without XLA, modes without "-xla").
 
 Why not `DPModel.fit`/`train_step` as is: it adds noise to each physical batch and divides by
 the realized batch size, and applies the optimizer per physical batch. The contract (base.py)
@@ -29,10 +33,8 @@ import contextlib
 import math
 import os
 import sys
-import tempfile
 import weakref
 from importlib import metadata
-from pathlib import Path
 
 # Before TensorFlow is imported: Keras 3 breaks every TF Privacy API, and TF's C++ logs drown
 # the step logs. tensorflow_privacy's package __init__ imports tensorflow_estimator (absent):
@@ -57,14 +59,12 @@ from tensorflow_privacy.privacy.keras_models.dp_keras_model import DPModel  # no
 from dpscale.backends import _keras_resnet as kr  # noqa: E402
 from dpscale.backends._xla_cache import cache_dir  # noqa: E402
 from dpscale.backends.base import Adapter as BaseAdapter  # noqa: E402
-from dpscale.backends.base import Batch, StepConfig  # noqa: E402
-from dpscale.models.resnet import ResNetSpec, init_weights  # noqa: E402
+from dpscale.backends.base import Batch, StepConfig, check_weights  # noqa: E402
+from dpscale.models.resnet import ResNetSpec, init_weights, param_shapes  # noqa: E402
 
-KNOWN_OPTIONS = {"mode", "xla", "predict_batch", "compilation_cache"}
 MODES = ("ghost", "vmap")
 DEFAULT_MODE = "ghost"
 MODE_LABELS = {"ghost": "fast-clipping-ghost", "vmap": "dpmodel-vmap"}
-CHECKPOINT_FORMAT = "dpscale-tfprivacy-1"
 ACCOUNTANT = (
     "tensorflow_privacy compute_dp_sgd_privacy_statement (RDP, dp_accounting default orders)"
 )
@@ -361,14 +361,15 @@ _ENGINES: dict[tuple, _Engine] = {}
 
 class Adapter(BaseAdapter):
     mode = MODE_LABELS[DEFAULT_MODE] + "-xla"
+    OPTIONS = {
+        "mode": "ghost (TF Privacy's fast clipping) or vmap (DPModel's per-example path)",
+        "xla": "compile the gradient functions with XLA",
+        "predict_batch": "rows per inference call",
+        "compilation_cache": "XLA's persistent cache: true, false or a folder",
+    }
 
     def __init__(self, spec: ResNetSpec, options: dict, seed: int, threads: int) -> None:
         super().__init__(spec, options, seed, threads)
-        unknown = sorted(set(self.options) - KNOWN_OPTIONS)
-        if unknown:
-            raise ValueError(
-                f"unknown tfprivacy backend option(s) {unknown}; expected {sorted(KNOWN_OPTIONS)}"
-            )
         mode = self.options.get("mode", DEFAULT_MODE)
         if mode not in MODES:
             raise ValueError(f"tfprivacy option mode={mode!r}; expected one of {', '.join(MODES)}")
@@ -389,8 +390,6 @@ class Adapter(BaseAdapter):
             _ENGINES[key] = _Engine(spec, mode, xla)
         self._eng = _ENGINES[key]
         self._parked: dict | None = None
-        self._step: StepConfig | None = None
-        self._momentum_from_checkpoint = False
         # Take the engine with a fresh state: canonical init, zero momentum, seeded noise.
         self._take()
         for vel in self._eng.vel:
@@ -425,21 +424,9 @@ class Adapter(BaseAdapter):
         return {name: kr.to_canonical(name, v.numpy()) for name, v in self._take().vars.items()}
 
     def set_weights(self, weights: dict[str, np.ndarray]) -> None:
-        variables = self._take().vars
-        missing = sorted(set(variables) - set(weights))
-        extra = sorted(set(weights) - set(variables))
-        if missing or extra:
-            raise ValueError(
-                f"weights do not match the model: missing {missing[:3]}, unexpected {extra[:3]}; "
-                "expected the canonical names of dpscale.models.resnet.param_shapes"
-            )
-        for name, var in variables.items():
-            w = kr.to_keras(name, weights[name])
-            if w.shape != tuple(var.shape):
-                want = kr.to_canonical(name, np.zeros(var.shape)).shape
-                raise ValueError(f"weights[{name!r}] has shape {np.shape(weights[name])}; "
-                                 f"expected {want}")  # fmt: skip
-            var.assign(w)
+        check_weights(weights, param_shapes(self.spec))
+        for name, var in self._take().vars.items():
+            var.assign(kr.to_keras(name, weights[name]))
 
     def predict(self, x: np.ndarray) -> np.ndarray:
         eng, n = self._take(), self._predict_batch
@@ -451,59 +438,37 @@ class Adapter(BaseAdapter):
             return np.zeros((0, self.spec.num_classes), np.float32)
         return np.concatenate(out).astype(np.float32)
 
-    # -- training ---------------------------------------------------------------------------
+    # -- the step's hooks -------------------------------------------------------------------
     def _tensors(self, batch: Batch):
-        x = np.asarray(batch.x, dtype=np.float32)
         mask = np.asarray(batch.mask, dtype=bool)
-        if mask.shape != (len(x),) or np.shape(batch.y) != (len(x),):
-            raise ValueError(
-                f"batch has x {x.shape}, y {np.shape(batch.y)}, mask {mask.shape}; "
-                "expected one label and one mask entry per image"
-            )
-        want = (self.spec.image_size, self.spec.image_size, self.spec.in_channels)
-        if x.shape[1:] != want:
-            raise ValueError(f"batch images have shape {x.shape[1:]}; expected {want} (H, W, C)")
         y = np.where(mask, np.asarray(batch.y, dtype=np.int64), 0)  # padding labels may be junk
-        return tf.constant(x), tf.constant(y), tf.constant(mask.astype(np.float32)), int(mask.sum())
+        x = tf.constant(np.asarray(batch.x, dtype=np.float32))
+        return x, tf.constant(y), tf.constant(mask.astype(np.float32))
 
-    def setup_training(self, step: StepConfig) -> None:
+    def _setup(self, step: StepConfig) -> None:
         eng = self._take()
-        self._step = step
-        if not self._momentum_from_checkpoint:
-            for vel in eng.vel:
-                vel.assign(tf.zeros_like(vel))
-        self._momentum_from_checkpoint = False
+        for vel in eng.vel:
+            vel.assign(tf.zeros_like(vel))
         for acc in eng.acc:
             acc.assign(tf.zeros_like(acc))
 
-    def train_step(self, chunks: list[Batch], lr: float) -> float:
-        if self._step is None:
-            raise RuntimeError("train_step called before setup_training")
-        eng, cfg = self._take(), self._step
-        chunk_fn = eng.dp_chunk if cfg.private else eng.np_chunk
-        if cfg.private:
-            eng.clip.assign(cfg.clip_norm)
-        losses, count = [], 0
-        for batch in chunks:
-            x, y, w, n = self._tensors(batch)
-            if n == 0:
-                continue  # contributes nothing; the noise below is still added
-            losses.append(chunk_fn(x, y, w))
-            count += n
-        divisor = cfg.expected_batch_size if cfg.private else max(count, 1)
-        apply = eng.apply_private if cfg.private else eng.apply_plain
-        std = cfg.noise_multiplier * cfg.clip_norm if cfg.private else 0.0
-        apply(*(tf.constant(v, tf.float32) for v in (lr, divisor, std, cfg.momentum)))
-        # An empty logical batch has no loss to average; 0.0 keeps the runner's NaN check quiet.
-        return float(tf.add_n(losses)) / count if count else 0.0
-
-    def clipped_grad_sum(self, batch: Batch, clip_norm: float) -> dict[str, np.ndarray]:
-        if clip_norm <= 0:
-            raise ValueError(f"clip_norm={clip_norm}; expected > 0")
+    def _accumulate(self, chunk: Batch, private: bool) -> float:
         eng = self._take()
-        x, y, w, _ = self._tensors(batch)
+        if private:
+            eng.clip.assign(self._step.clip_norm)  # clipped_grad_sum may have set another
+            return float(eng.dp_chunk(*self._tensors(chunk)))
+        return float(eng.np_chunk(*self._tensors(chunk)))
+
+    def _apply(self, noise_std: float | None, divisor: float, lr: float) -> None:
+        eng = self._take()
+        apply = eng.apply_plain if noise_std is None else eng.apply_private
+        values = (lr, divisor, noise_std or 0.0, self._step.momentum)
+        apply(*(tf.constant(v, tf.float32) for v in values))
+
+    def _clipped_grad_sum(self, batch: Batch, clip_norm: float) -> dict[str, np.ndarray]:
+        eng = self._take()
         eng.clip.assign(clip_norm)
-        sums, _ = eng.dp_sum(x, y, w)
+        sums, _ = eng.dp_sum(*self._tensors(batch))
         return {
             name: kr.to_canonical(name, s.numpy()) for name, s in zip(eng.vars, sums, strict=True)
         }
@@ -511,39 +476,25 @@ class Adapter(BaseAdapter):
     def reseed(self, seed: int) -> None:
         self._take().gen.reset_from_seed(int(seed))
 
-    # -- checkpoints ------------------------------------------------------------------------
-    def save_checkpoint(self, path: Path) -> None:
-        path = Path(path)
+    # -- checkpoint state -------------------------------------------------------------------
+    def _momentum(self) -> dict[str, np.ndarray]:
         eng = self._take()
-        arrays = {"format": np.array(CHECKPOINT_FORMAT), "rng_state": eng.gen.state.numpy()}
-        for (name, var), vel in zip(eng.vars.items(), eng.vel, strict=True):
-            arrays[f"weight/{name}"] = var.numpy()
-            arrays[f"momentum/{name}"] = vel.numpy()
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".", suffix=".tmp")
-        try:
-            with os.fdopen(fd, "wb") as f:  # a file object: np.savez adds no ".npz"
-                np.savez(f, **arrays)
-            os.replace(tmp, path)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
+        return {
+            name: kr.to_canonical(name, vel.numpy())
+            for name, vel in zip(eng.vars, eng.vel, strict=True)
+        }
 
-    def load_checkpoint(self, path: Path) -> None:
-        try:
-            with np.load(Path(path), allow_pickle=False) as z:
-                if "format" not in z.files or str(z["format"]) != CHECKPOINT_FORMAT:
-                    raise ValueError("no tfprivacy format tag")
-                state = {k: z[k] for k in z.files}
-        except (ValueError, OSError) as err:
-            raise ValueError(f"{path} is not a tfprivacy-backend checkpoint ({err})") from err
+    def _set_momentum(self, momentum: dict[str, np.ndarray]) -> None:
+        check_weights(momentum, param_shapes(self.spec))
         eng = self._take()
-        for (name, var), vel in zip(eng.vars.items(), eng.vel, strict=True):
-            var.assign(state[f"weight/{name}"])
-            vel.assign(state[f"momentum/{name}"])
-        eng.gen.state.assign(state["rng_state"])
-        # setup_training (if called after this) must keep the loaded momentum.
-        self._momentum_from_checkpoint = self._step is None
+        for name, vel in zip(eng.vars, eng.vel, strict=True):
+            vel.assign(kr.to_keras(name, momentum[name]))
+
+    def _noise_state(self) -> np.ndarray:
+        return self._take().gen.state.numpy()
+
+    def _set_noise_state(self, state: np.ndarray) -> None:
+        self._take().gen.state.assign(state)
 
     # -- reporting --------------------------------------------------------------------------
     def backend_epsilon(self, sample_rate: float, steps: int, delta: float) -> dict | None:
