@@ -73,6 +73,10 @@ VARIANTS_OF = {
     # conv auto = patches in the DP step on CPU; on a GPU the DP step takes XLA's convolution,
     # which conv=xla selects here.
     "jax": [({}, "jax-vmap", BOTH), ({"conv": "xla"}, "jax-vmap-xlaconv", CIFAR)],
+    "jaxprivacy": [
+        ({}, "jaxprivacy-clipped-grad", BOTH),
+        ({"conv": "xla"}, "jaxprivacy-clipped-grad-xlaconv", CIFAR),
+    ],
     "opacus": [
         (
             {"grad_sample_mode": m, "fast_samplers": fast},
@@ -100,6 +104,11 @@ OWN_ACCOUNTANT_ORDERS = {
     "opacus": [1 + x / 10.0 for x in range(1, 100)] + list(range(12, 64)),
     "objax": [1.25, 1.5, 1.75, 2.0, 2.25, 2.5, 3.0, 3.5, 4.0, 4.5] + list(range(5, 21)),
     "tfprivacy": None,
+    "jaxprivacy": [
+        *np.linspace(1.01, 8, num=50),
+        *np.arange(8, 64),
+        *np.linspace(65, 512, num=10, dtype=int),
+    ],
 }
 
 

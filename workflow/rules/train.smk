@@ -59,6 +59,11 @@ use rule train as train_jax with:
         backend="jax",
 
 
+use rule train as train_jaxprivacy with:
+    wildcard_constraints:
+        backend="jaxprivacy",
+
+
 # Transfer (config `transfer:`): one non-private pre-training on the public split, whose body
 # every run above starts from (train_inputs adds it as `init`). Outside the privacy guarantee
 # by construction: the public classes are disjoint from the private ones.

@@ -173,11 +173,17 @@ def tree_add(a, b):
     return jax.tree.map(jnp.add, a, b)
 
 
-def _apply(tx, params, opt_state, gsum, key, std, divisor, lr, momentum, noisy: bool):
-    """Noise (if private) once per logical step, divide, then optax SGD with momentum at lr."""
-    if noisy:
-        key, sub = jax.random.split(key)
-        gsum = add_noise(gsum, sub, std)
+def split_and_add_noise(gsum, key, std):
+    """(gsum + N(0, std^2) from a fresh subkey, the next key)."""
+    key, sub = jax.random.split(key)
+    return add_noise(gsum, sub, std), key
+
+
+def _update(tx, noise, params, opt_state, gsum, key, std, divisor, lr, momentum):
+    """`noise(gsum, key, std)` (if private) once per logical step, divide, then optax SGD with
+    momentum at lr."""
+    if noise is not None:
+        gsum, key = noise(gsum, key, std)
     grads = jax.tree.map(lambda g: g / divisor, gsum)
     opt_state.hyperparams["learning_rate"] = lr
     opt_state.hyperparams["momentum"] = momentum
@@ -187,6 +193,10 @@ def _apply(tx, params, opt_state, gsum, key, std, divisor, lr, momentum, noisy: 
 
 class Adapter(BaseAdapter):
     mode = "jax-vmap"
+    #: the DP machinery, jitted pure functions: (params, x, y, mask, clip_norm, spec, impl) ->
+    #: (clipped sum, loss sum), and (gsum, key, std) -> (gsum + noise, next key)
+    dp_chunk = staticmethod(dp_chunk)
+    add_noise = staticmethod(split_and_add_noise)
     OPTIONS = {
         "eval_batch_size": "rows per prediction call",
         "compilation_cache": "XLA's persistent cache: true, false or a folder",
@@ -213,8 +223,8 @@ class Adapter(BaseAdapter):
         self._tx = optax.inject_hyperparams(optax.sgd)(learning_rate=0.0, momentum=0.0)
         self._opt_state = None
         self._gsum = None  # the logical step's accumulated gradient sum
-        self._apply_noisy = jax.jit(partial(_apply, self._tx, noisy=True))
-        self._apply_plain = jax.jit(partial(_apply, self._tx, noisy=False))
+        self._apply_noisy = jax.jit(partial(_update, self._tx, self.add_noise))
+        self._apply_plain = jax.jit(partial(_update, self._tx, None))
 
     # -- model ------------------------------------------------------------------------------
     def num_params(self) -> int:
@@ -247,7 +257,8 @@ class Adapter(BaseAdapter):
     def _accumulate(self, chunk: Batch, private: bool) -> float:
         x, y, m = self._device_batch(chunk)
         if private:
-            g, loss = dp_chunk(self.params, x, y, m, self._step.clip_norm, self.spec, self._conv_dp)
+            clip = self._step.clip_norm
+            g, loss = self.dp_chunk(self.params, x, y, m, clip, self.spec, self._conv_dp)
         else:
             g, loss = nonprivate_chunk(self.params, x, y, m, self.spec, self._conv)
         self._gsum = g if self._gsum is None else tree_add(self._gsum, g)
@@ -272,7 +283,7 @@ class Adapter(BaseAdapter):
 
     def _clipped_grad_sum(self, batch: Batch, clip_norm: float) -> dict[str, np.ndarray]:
         x, y, m = self._device_batch(batch)
-        g, _ = dp_chunk(self.params, x, y, m, clip_norm, self.spec, self._conv_dp)
+        g, _ = self.dp_chunk(self.params, x, y, m, clip_norm, self.spec, self._conv_dp)
         return {n: np.asarray(g[n], dtype=np.float32) for n in self._shapes}
 
     def reseed(self, seed: int) -> None:
