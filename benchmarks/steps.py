@@ -10,8 +10,12 @@ benchmarks/results/steps-<device>.json and the "## DP-SGD steps" section of docs
 
     .venv/bin/python benchmarks/steps.py --width 16 --image-size 32 --batch-size 64 --steps 10
         [--threads N] [--backends opacus,jax] [--python jax=/path/to/python] [--no-write]
-        [--modes '{"opacus": [{"grad_sample_mode": "ghost"}]}']
+        [--modes '{"opacus": [{"grad_sample_mode": "ghost"}]}'] [--baseline DIR]
     .venv/bin/python benchmarks/steps.py --render benchmarks/results/steps-cpu.json  # doc only
+
+--baseline DIR (another checkout, e.g. `git worktree add /tmp/old <rev>`) measures every row
+twice, back to back in alternating order: once with DIR/src first on the workers' path, once
+with this tree's, and adds a before/after table (same run, same load) to the section.
 """
 
 from __future__ import annotations
@@ -37,6 +41,7 @@ WORKER = Path(__file__).resolve().parent / "_step_worker.py"
 SECTION = "DP-SGD steps"
 GOAL = 2.0  # issue 9: every backend's DP step <= 2x its non-private step on CPU, width 16, B 64
 FEED_GOAL = 0.05  # the runner's feed under 5% of the step time
+BASELINE, CURRENT = "baseline", "current"  # --baseline: which code a row measured
 
 # The DP modes each backend offers, as adapter options (see each adapter's module docstring).
 MODES: dict[str, list[dict]] = {
@@ -50,6 +55,7 @@ MODES: dict[str, list[dict]] = {
     # objax: XLA's by default, as patches did not pay under its jax 0.5.3).
     "objax": [{}, {"use_norm_accumulation": True}, {"conv": "auto"}],
     "jax": [{}, {"conv": "xla"}],
+    "jaxprivacy": [{}],
 }
 
 # Why a mode's DP step costs what it does, by the adapter's `mode` label: printed under the table
@@ -211,8 +217,18 @@ def select_backends(requested: str | None, pythons: dict[str, Path]) -> list[tup
     return out
 
 
-def run_worker(python: Path, backend: str, options: dict, batch: int, args, tmp: Path) -> dict:
-    """One worker process; its "[worker]" lines are echoed, the rest kept for errors."""
+def has_backend(src: Path, name: str) -> bool:
+    return (src / "dpscale" / "backends" / f"{name}.py").exists()
+
+
+def run_worker(
+    python: Path, backend: str, options: dict, batch: int, args, tmp: Path, src: Path | None = None
+) -> dict:
+    """One worker process; its "[worker]" lines are echoed, the rest kept for errors.
+
+    src: a dpscale source tree to import instead of this one (the venvs' .pth names this one;
+    PYTHONPATH comes before it).
+    """
     out = tmp / f"{backend}-{len(list(tmp.iterdir()))}.json"
     cmd = [
         str(python), str(WORKER), "--backend", backend, "--options", json.dumps(options),
@@ -225,8 +241,16 @@ def run_worker(python: Path, backend: str, options: dict, batch: int, args, tmp:
     ]  # fmt: skip
     tail: collections.deque[str] = collections.deque(maxlen=30)
     started = time.perf_counter()
+    env = dict(os.environ)
+    if src is not None:
+        env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(src), env.get("PYTHONPATH")]))
     proc = subprocess.Popen(
-        cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=tempfile.gettempdir()
+        cmd,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        cwd=tempfile.gettempdir(),
+        env=env,
     )
     try:
         for line in proc.stdout:
@@ -254,11 +278,15 @@ def run_worker(python: Path, backend: str, options: dict, batch: int, args, tmp:
     }
 
 
+def is_cpu(device: str) -> bool:
+    return device.lower().split(":")[0] == "cpu"
+
+
 def device_tag(runs: list[dict]) -> str:
     """'cpu' unless an adapter reported an accelerator; then its name as a file-name slug."""
     for r in runs:
         dev = str(r.get("device", "cpu"))
-        if dev.lower() not in ("cpu", "cpu:cpu"):
+        if not is_cpu(dev):
             return re.sub(r"[^a-z0-9]+", "-", dev.lower()).strip("-")
     return "cpu"
 
@@ -341,10 +369,10 @@ def run_lines(meta: dict, runs: list[dict], json_path: Path) -> list[str]:
     ok = [r for r in runs if "error" not in r]
     loads = [r["loadavg_start"][0] for r in ok] + [r["loadavg_end"][0] for r in ok]
     devices = sorted({str(r["device"]) for r in ok}) or ["?"]
-    accel = [d for d in devices if d.lower() not in ("cpu", "cpu:cpu")]
+    accel = [d for d in devices if not is_cpu(d)]
     lines = [
         f"### {', '.join(accel) if accel else 'CPU: ' + meta['cpu']} "
-        f"(width {a['width']}, {a['image_size']} px)",
+        f"(width {a['width']}, {a['image_size']} px, {a['threads']} thread(s))",
         "",
         f"{meta['date']}; host CPU {meta['cpu']}, {meta['usable_cores']} usable cores, "
         f"{a['threads']} thread(s) per backend; ResNet-18 (GroupNorm, at most {a['groups']} "
@@ -364,10 +392,24 @@ def run_lines(meta: dict, runs: list[dict], json_path: Path) -> list[str]:
         + "; the ratios come from interleaved steps in one process and are the robust figure.",
     ]
     for batch in a["batch_sizes"]:
-        rows = [r for r in runs if r["batch_size"] == batch]
+        rows = [r for r in runs if r["batch_size"] == batch and r.get("code") != BASELINE]
         if not rows:
             continue
-        lines += ["", f"Batch {batch}:", "", *table(rows)]
+        # One table per device: a backend that fell back to the CPU never sits under a GPU's.
+        by_device: dict[str, list[dict]] = {}
+        for r in rows:
+            by_device.setdefault(str(r.get("device", "not measured")), []).append(r)
+        for dev, dev_rows in sorted(by_device.items(), key=lambda kv: is_cpu(kv[0])):
+            fallback = accel and is_cpu(dev)
+            lines += [
+                "",
+                f"Batch {batch}, device {dev}"
+                + (" (CPU fallback: not comparable with the rows above)" if fallback else "")
+                + ":",
+                "",
+                *table(dev_rows),
+            ]
+        lines += before_after([r for r in runs if r["batch_size"] == batch], meta)
         good = [r for r in rows if "error" not in r]
         above = [r for r in good if r["ratio"] > GOAL]
         lines += [
@@ -402,6 +444,37 @@ def run_lines(meta: dict, runs: list[dict], json_path: Path) -> list[str]:
     lines += ["", "Versions (adapter.versions()):"]
     for name, v in sorted(versions.items()):
         lines.append(f"- {name}: " + ", ".join(f"{k} {val}" for k, val in v.items()))
+    return lines
+
+
+def before_after(runs: list[dict], meta: dict) -> list[str]:
+    """The --baseline table: each mode's step times with the baseline's code and this tree's."""
+    pairs: dict[tuple, dict] = {}
+    for r in runs:
+        if "error" not in r and r.get("code"):
+            pairs.setdefault((r["backend"], json.dumps(r["options"])), {})[r["code"]] = r
+    pairs = {k: v for k, v in pairs.items() if len(v) == 2}
+    if not pairs:
+        return []
+    lines = [
+        "",
+        f"Before / after (`--baseline {meta.get('baseline', '?')}`): each mode measured with the "
+        "baseline's code and with this tree's, back to back in one run (which went first "
+        "alternates from mode to mode); after / before < 1 is faster.",
+        "",
+        "| backend | mode (options) | NP ms before / after | DP ms before / after | "
+        "DP after / before | ratio before / after |",
+        "|---|---|---:|---:|---:|---:|",
+    ]
+    for (backend, _), v in pairs.items():
+        b, c = v[BASELINE], v[CURRENT]
+        dp = [x["steady"]["dp"]["median_s"] for x in (b, c)]
+        np_ = [x["steady"]["nonprivate"]["median_s"] for x in (b, c)]
+        lines.append(
+            f"| {backend} | {c['mode']} ({options_label(c['options'])}) | "
+            f"{ms(np_[0])} / {ms(np_[1])} | {ms(dp[0])} / {ms(dp[1])} | "
+            f"**{dp[1] / dp[0]:.2f}** | {b['ratio']:.2f}x / {c['ratio']:.2f}x |"
+        )
     return lines
 
 
@@ -469,6 +542,9 @@ def main(argv=None) -> None:
     )
     parser.add_argument("--no-write", action="store_true", help="leave docs/benchmarks.md alone")
     parser.add_argument(
+        "--baseline", type=Path, help="another checkout: every row measured with its code too"
+    )
+    parser.add_argument(
         "--render",
         type=Path,
         help="no run: rewrite the doc section from this results JSON (and its neighbours)",
@@ -516,21 +592,36 @@ def main(argv=None) -> None:
     if args.append:
         meta, runs = appended_to(args.append, meta)
         args.out = args.append
+    codes = {CURRENT: None}
+    if args.baseline:
+        src = args.baseline.resolve() / "src"
+        if not (src / "dpscale" / "__init__.py").exists():
+            raise SystemExit(f"--baseline {args.baseline}: no src/dpscale; expected a checkout")
+        codes = {BASELINE: src, CURRENT: None}
+        meta["baseline"] = str(args.baseline.resolve())
     with tempfile.TemporaryDirectory(prefix="dpscale-steps-") as tmp:
         for batch in args.batch_size:
             for name, python in chosen:
-                for options in modes.get(name, [{}]):
-                    print(f"{name} {options_label(options)}, batch {batch}:", flush=True)
+                # With a baseline, which code goes first alternates from mode to mode.
+                # A backend the baseline does not have is measured with this tree only.
+                order = [c for c, src in codes.items() if src is None or has_backend(src, name)]
+                for options, code in (
+                    (o, c)
+                    for i, o in enumerate(modes.get(name, [{}]))
+                    for c in (order[::-1] if i % 2 else order)
+                ):
+                    print(f"{name} {options_label(options)}, batch {batch}, {code}:", flush=True)
                     started = time.strftime("%Y-%m-%d %H:%M %Z")
                     r = {
-                        **run_worker(python, name, options, batch, args, Path(tmp)),
+                        **run_worker(python, name, options, batch, args, Path(tmp), codes[code]),
                         "started": started,
+                        "code": code,
                     }
                     same = [
                         i
                         for i, old in enumerate(runs)
-                        if (old["backend"], old["options"], old["batch_size"])
-                        == (name, options, batch)
+                        if (old["backend"], old["options"], old["batch_size"], old.get("code"))
+                        == (name, options, batch, code)
                     ]
                     if same:  # --append: a re-measured mode replaces its old row in place
                         runs[same[0]] = r

@@ -7,11 +7,11 @@ before any job starts.
 from __future__ import annotations
 
 import copy
-import re
 from pathlib import Path
 from typing import Any
 
-LEVEL = re.compile(r"^(none|eps(?P<eps>[0-9]+(\.[0-9]+)?)|sigma(?P<sigma>[0-9]+(\.[0-9]+)?))$")
+from dpscale import levels
+
 PATH_SOURCES = {"imagefolder", "ilsvrc2012", "medmnist"}
 
 
@@ -66,11 +66,6 @@ def _explain(error) -> str:
     if error.validator == "enum":
         options = ", ".join(map(str, error.validator_value))
         return f"{key}: {error.instance!r} is not allowed; expected one of {options}"
-    if error.validator == "pattern" and "levels" in key:
-        return (
-            f"{key}: {error.instance!r} is not a privacy level; "
-            "expected none, eps<number> (e.g. eps8) or sigma<number> (e.g. sigma1.1)"
-        )
     if error.validator == "oneOf":
         expected = error.schema.get("description", "one of the documented forms")
         return f"{key}: {error.instance!r} has the wrong form; expected {expected}"
@@ -120,6 +115,7 @@ def validate(config: dict[str, Any], schema_path: str | Path) -> dict[str, Any]:
     errors = sorted(validator.iter_errors(config), key=lambda e: (len(e.absolute_path), e.path))
     if errors:
         raise ConfigError(f"config error: {_explain(errors[0])}")
+    _canonical_levels(config)
     _check_semantics(config)
     # Each variant is the config with its overrides: it must pass the same checks, and a
     # failure names the variant's key (variants.<name>.training.batch_size: ...).
@@ -261,14 +257,22 @@ def _check_transfer(config: dict[str, Any], known: list[str]) -> None:
         )
 
 
-def parse_level(level: str) -> dict[str, float | None]:
-    """'none' -> non-private; 'eps8' -> target epsilon 8; 'sigma1.1' -> noise multiplier 1.1."""
-    match = LEVEL.match(level)
-    if not match:
-        raise ConfigError(f"config error: privacy.levels: {level!r} is not a privacy level")
-    eps, sigma = match.group("eps"), match.group("sigma")
-    return {
-        "private": level != "none",
-        "target_epsilon": float(eps) if eps else None,
-        "noise_multiplier": float(sigma) if sigma else None,
-    }
+def _canonical_levels(config: dict[str, Any]) -> None:
+    """Levels (and the paper rows' `match: {level: ...}`) in their canonical spelling, so that
+    eps8.0 in a config runs, and is found, as eps8; one level named twice is an error."""
+    names = config["privacy"]["levels"]
+    for i, name in enumerate(names):
+        try:
+            levels.parse(name)
+        except levels.LevelError as err:
+            _fail(f"privacy.levels.{i}", str(err))
+    try:
+        config["privacy"]["levels"] = levels.distinct(names)
+    except levels.LevelError as err:
+        _fail("privacy.levels", str(err))
+    for i, row in enumerate(config["paper"]):
+        if "level" in row["match"]:
+            try:
+                row["match"]["level"] = levels.canonical(row["match"]["level"])
+            except levels.LevelError as err:
+                _fail(f"paper.{i}.match.level", str(err))

@@ -118,10 +118,13 @@ def test_runtime_bars_are_the_summary_numbers(demo, summary):
 
 
 def test_disparate_impact(demo):
-    split_file = demo.results / "splits/longtail.npz"
-    counts, _ = data.read_split(split_file)
+    with np.load(demo.results / "splits/longtail.npz") as split:
+        counts = split["train_counts"]
     assert counts[0] > counts[-1]  # exp profile, rho 10
-    per_class = data.per_class_table(_runs(demo, split="longtail"), split_file)
+    per_class = data.per_class_table(_runs(demo, split="longtail"))
+    # evaluate's class counts (from the run's training labels) are the split's.
+    for _, run in per_class.groupby(["backend", "level"]):
+        assert list(run["train_count"]) == counts.tolist()
     drop = data.accuracy_drop(per_class)
     assert len(drop) == len(counts) * len(demo.cfg["backends"])
     assert drop["drop"].between(-1, 1).all()
@@ -145,7 +148,7 @@ def test_membership_histograms_and_roc(demo):
     assert data.MEMBER in _texts(fig) and data.NON_MEMBER in _texts(fig)
     plt.close(fig)
 
-    roc = data.roc_table(data.membership_scores(_runs(demo, split="balanced")))
+    roc = data.roc_table(_runs(demo, split="balanced"))
     fig = figures.membership_roc(roc)
     titles = [ax.get_title() for ax in fig.axes]
     assert [t.split(" ")[0] for t in titles] == sorted(demo.cfg["backends"])
@@ -153,12 +156,17 @@ def test_membership_histograms_and_roc(demo):
     for (_backend, _level), rows in roc.groupby(["backend", "level"]):
         assert f"AUC {rows['auc'].iloc[0]:.3f}" in legend
     assert roc["auc"].between(0, 1).all()
+    # The legend's numbers are the summary's: one metrics engine (evaluate).
+    summary = pd.read_csv(demo.results / "summary.csv").set_index(["backend", "split", "level"])
+    for (backend, level), rows in roc.groupby(["backend", "level"]):
+        expected = summary.loc[(backend, "balanced", level), "membership_loss_auc"]
+        assert rows["auc"].iloc[0] == pytest.approx(expected, abs=1e-12)
     plt.close(fig)
 
 
 def test_confusion_matrix_counts_the_test_set(demo):
     runs = _runs(demo, split="longtail", backend="opacus", level="eps8")
-    counts = data.confusion_table(runs, demo.results / "splits/longtail.npz")
+    counts = data.confusion_table(runs)
     n_test = demo.cfg["splits"]["test_per_class"]
     assert (counts.sum(axis=1) == n_test).all()
     fig = figures.confusion_matrix(counts, "title")

@@ -1,5 +1,5 @@
-"""The figures' tables: per-example and per-class quantities against scikit-learn, and the
-DP-vs-non-private joins on small hand-made tables."""
+"""The figures' tables: read from the evaluate step's outputs of small hand-made runs (checked
+against scikit-learn), and the DP-vs-non-private joins on small hand-made tables."""
 
 from __future__ import annotations
 
@@ -10,72 +10,99 @@ import pandas as pd
 import pytest
 from sklearn import metrics as skm
 
+from dpscale.metrics import evaluate
 from dpscale.plots import data
 
 
-@pytest.fixture
-def logits_labels():
-    rng = np.random.default_rng(0)
-    labels = rng.integers(0, 4, size=60)
-    logits = rng.normal(size=(60, 4)) + 2.0 * np.eye(4)[labels] * rng.random((60, 1))
-    return logits.astype(np.float32), labels
-
-
-def test_example_losses_are_cross_entropy(logits_labels):
-    logits, labels = logits_labels
-    losses = data.example_losses(logits, labels)
-    probs = np.exp(data.log_softmax(logits))
-    assert losses.mean() == pytest.approx(skm.log_loss(labels, probs, labels=range(4)), rel=1e-6)
-    # Large logits stay finite: the log-softmax is shifted by the row maximum.
-    assert np.isfinite(data.example_losses(np.array([[1000.0, -1000.0]]), np.array([1]))).all()
-
-
-def test_per_class_recall_and_confusion_match_sklearn(logits_labels):
-    logits, labels = logits_labels
-    pred = logits.argmax(1)
-    recall = data.per_class_recall(logits, labels, 5)  # class 4 has no examples
-    expected = skm.recall_score(labels, pred, labels=range(4), average=None)
-    np.testing.assert_allclose(recall[:4], expected)
-    assert np.isnan(recall[4])
-    np.testing.assert_array_equal(
-        data.confusion(logits, labels, 4), skm.confusion_matrix(labels, pred, labels=range(4))
+def _logits(rng, labels, classes=4):
+    return (rng.normal(size=(len(labels), classes)) + 2.0 * np.eye(classes)[labels]).astype(
+        np.float32
     )
 
 
-def test_roc_points_match_sklearn():
-    rng = np.random.default_rng(1)
-    members = np.round(rng.normal(0.5, 1, 40), 1)  # rounded: ties across the two groups
-    nonmembers = np.round(rng.normal(0.0, 1, 30), 1)
-    fpr, tpr = data.roc_points(members, nonmembers)
-    truth = np.r_[np.ones(40), np.zeros(30)]
-    scores = np.r_[members, nonmembers]
-    assert data.auc(fpr, tpr) == pytest.approx(skm.roc_auc_score(truth, scores))
-    sk_fpr, sk_tpr, _ = skm.roc_curve(truth, scores, drop_intermediate=False)
-    np.testing.assert_allclose(fpr, sk_fpr)
-    np.testing.assert_allclose(tpr, sk_tpr)
-    assert data.tpr_at_fpr(fpr, tpr, 0.1) == pytest.approx(sk_tpr[sk_fpr <= 0.1].max())
+def _run(root, level, seed, names=("a", "b", "c", "d")):
+    """One run folder as the pipeline leaves it: metrics.json and evaluate's two outputs."""
+    run = root / f"{level}/seed{seed}"
+    rng = np.random.default_rng([seed, len(level)])
+    labels = {"train": rng.integers(0, 4, 60), "holdout": rng.integers(0, 4, 40)}
+    labels["test"] = np.r_[rng.integers(0, 3, 30), 0]  # class 3 has no test example
+    predictions = {f"{k}_labels": v for k, v in labels.items()}
+    predictions |= {f"{k}_logits": _logits(rng, v) for k, v in labels.items()}
+    private = level != "none"
+    # A loose accounted epsilon: these tests read outputs, they do not audit.
+    privacy = {"level": level, "private": private, "epsilon": 100.0 if private else None}
+    run.mkdir(parents=True)
+    ev = evaluate.evaluate(predictions, privacy, list(names), seed=seed)
+    (run / "evaluation.json").write_text(json.dumps(ev))
+    np.savez(run / "evaluation.npz", **evaluate.evaluation_arrays(predictions))
+    metrics = {
+        "split": "longtail",
+        "backend": "reference",
+        "mode": "torch.func",
+        "level": level,
+        "seed": seed,
+        "epsilon": privacy["epsilon"],
+        "accountant": "rdp",
+        "delta": 1e-5,
+        "sampling": "poisson",
+    }
+    (run / "metrics.json").write_text(json.dumps(metrics))
+    return run, predictions
 
 
-def test_roc_of_a_perfect_and_a_blind_attack():
-    fpr, tpr = data.roc_points(np.array([2.0, 3.0]), np.array([0.0, 1.0]))
-    assert data.auc(fpr, tpr) == 1.0 and data.tpr_at_fpr(fpr, tpr, 0.0) == 1.0
-    fpr, tpr = data.roc_points(np.zeros(5), np.zeros(5))
-    assert data.auc(fpr, tpr) == 0.5 and data.tpr_at_fpr(fpr, tpr, 0.5) == 0.0
-    with pytest.raises(data.PlotDataError, match="0 non-members"):
-        data.roc_points(np.zeros(3), np.zeros(0))
+def test_per_class_table_is_evaluates_recall(tmp_path):
+    (run, pred), (run1, _) = _run(tmp_path, "none", 0), _run(tmp_path, "eps8", 0)
+    table = data.per_class_table([run, run1])
+    assert len(table) == 8 and list(table["class"][:4]) == ["a", "b", "c", "d"]
+    first = table[table["level"] == "none"]
+    expected = skm.recall_score(
+        pred["test_labels"], pred["test_logits"].argmax(1), labels=range(3), average=None
+    )
+    np.testing.assert_allclose(first["recall"][:3], expected)
+    assert np.isnan(first["recall"].iloc[3])  # no test example: no recall, not 0
+    assert list(first["train_count"]) == np.bincount(pred["train_labels"], minlength=4).tolist()
+    assert set(first["privacy"]) == {"non-private"}
 
 
-def test_levels_sort_and_read():
-    assert data.sorted_levels(["eps10", "sigma1.0", "none", "eps2"]) == [
-        "none",
-        "eps2",
-        "eps10",
-        "sigma1.0",
-    ]
-    assert data.level_text("none").startswith("∞")
-    assert data.level_text("eps8") == "≤ 8 (target)"
+def test_confusion_table_sums_evaluates_matrices(tmp_path):
+    (run0, p0), (run1, p1) = _run(tmp_path, "eps8", 0), _run(tmp_path, "eps8", 1)
+    table = data.confusion_table([run0, run1])
+    expected = sum(
+        skm.confusion_matrix(p["test_labels"], p["test_logits"].argmax(1), labels=range(4))
+        for p in (p0, p1)
+    )
+    np.testing.assert_array_equal(table.to_numpy(), expected)
+    assert list(table.index) == ["a", "b", "c", "d"] and table.index.name == "true"
+
+
+def test_membership_tables_are_evaluates_losses_and_roc(tmp_path):
+    (run, pred), (run1, _) = _run(tmp_path, "none", 0), _run(tmp_path, "eps8", 0)
+    scores = data.membership_scores([run, run1])
+    members = scores[(scores["level"] == "none") & (scores["member"] == data.MEMBER)]
+    probs = np.exp(pred["train_logits"] - pred["train_logits"].max(1, keepdims=True))
+    probs /= probs.sum(1, keepdims=True)
+    assert members["loss"].mean() == pytest.approx(
+        skm.log_loss(pred["train_labels"], probs, labels=range(4)), rel=1e-6
+    )
+    assert (scores["member"] == data.NON_MEMBER).sum() == 2 * 40
+
+    roc = data.roc_table([run, run1])
+    one = roc[roc["level"] == "none"]
+    truth = np.r_[np.ones(60), np.zeros(40)]
+    nonmembers = scores[(scores["level"] == "none") & (scores["member"] == data.NON_MEMBER)]
+    loss = np.r_[members["loss"], nonmembers["loss"]]
+    sk_fpr, sk_tpr, _ = skm.roc_curve(truth, -loss, drop_intermediate=False)
+    np.testing.assert_allclose(one["fpr"], sk_fpr)
+    np.testing.assert_allclose(one["tpr"], sk_tpr)
+    assert one["auc"].iloc[0] == pytest.approx(skm.roc_auc_score(truth, -loss))
+    assert one["tpr_at_fpr"].iloc[0] == pytest.approx(sk_tpr[sk_fpr <= 0.01].max())
+    assert set(roc["privacy"]) == {"non-private", "ε=100"}
+
+
+def test_privacy_labels():
     assert data.privacy_label("none", None) == "non-private"
     assert data.privacy_label("eps8", 7.93) == "ε=7.93"
+    assert data.privacy_label("eps8", 7.93, "k4") == "k4: ε=7.93"
 
 
 def _per_class(level, epsilon, recalls, seed=0):
@@ -139,9 +166,15 @@ def test_bad_run_outputs_get_one_line_errors(tmp_path):
     (tmp_path / "metrics.json").write_text(json.dumps({"backend": "x"}))
     with pytest.raises(data.PlotDataError, match="missing run keys"):
         data.read_metrics(tmp_path)
-    np.savez(tmp_path / "predictions.npz", train_logits=np.zeros((2, 2)))
-    with pytest.raises(data.PlotDataError, match="no array 'train_labels'"):
-        data.read_predictions(tmp_path)
-    np.savez(tmp_path / "split.npz", train_counts=np.array([3, 2]), meta=json.dumps({}))
-    counts, names = data.read_split(tmp_path / "split.npz")
-    assert list(counts) == [3, 2] and names == ["0", "1"]
+    with pytest.raises(data.PlotDataError, match="evaluation.json: not found; expected the run"):
+        data.read_evaluation(tmp_path)
+    (tmp_path / "evaluation.json").write_text(json.dumps({"test": {}}))
+    with pytest.raises(data.PlotDataError, match="no test per_class and confusion"):
+        data.confusion_table([tmp_path])
+    with pytest.raises(data.PlotDataError, match="evaluation.npz: not readable as .npz"):
+        data.read_evaluation_arrays(tmp_path, ["member_loss"])
+    np.savez(tmp_path / "evaluation.npz", member_loss=np.zeros(2))
+    with pytest.raises(data.PlotDataError, match="missing nonmember_loss; expected the evaluate"):
+        data.read_evaluation_arrays(tmp_path, ["member_loss", "nonmember_loss"])
+    with pytest.raises(data.PlotDataError, match="no runs given"):
+        data.confusion_table([])

@@ -116,20 +116,6 @@ def test_bad_config_is_one_line_naming_the_key(default_config, case):
     assert expected in message
 
 
-@pytest.mark.parametrize(
-    ("level", "parsed"),
-    [
-        ("none", (False, None, None)),
-        ("eps8", (True, 8.0, None)),
-        ("eps0.5", (True, 0.5, None)),
-        ("sigma1.1", (True, None, 1.1)),
-    ],
-)
-def test_parse_level(level, parsed):
-    p = dp_config.parse_level(level)
-    assert (p["private"], p["target_epsilon"], p["noise_multiplier"]) == parsed
-
-
 def test_snakemake_stops_before_any_job_with_the_message(tmp_path, default_config):
     default_config["splits"]["profiles"]["longtail"]["rho"] = 0.5
     bad = tmp_path / "bad.yaml"

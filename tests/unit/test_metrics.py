@@ -14,7 +14,9 @@ from sklearn import metrics as skm
 
 from dpscale.metrics import classification as cls
 from dpscale.metrics import evaluate as ev
+from dpscale.metrics import losses
 from dpscale.metrics import membership as mia
+from dpscale.runner import loop
 
 
 def _random_predictions(seed=0, n=300, c=5):
@@ -100,6 +102,38 @@ def test_epsilon_from_rates():
     assert mia.epsilon_from_rates(0.5, 0.0, 0.0) == math.inf
 
 
+def test_per_example_loss_is_cross_entropy_and_the_runners_loss():
+    logits, labels = _random_predictions()
+    loss = losses.per_example_loss(logits, labels)
+    probs = losses.softmax(logits)
+    assert loss.dtype == np.float64
+    assert loss.mean() == pytest.approx(skm.log_loss(labels, probs, labels=range(5)), rel=1e-9)
+    # The runner's metrics.json loss is the same function's mean, bit for bit.
+    assert loop.cross_entropy(logits, labels) == float(loss.mean())
+    # Large logits stay finite: the log-softmax is shifted by the row maximum.
+    assert np.isfinite(losses.per_example_loss(np.array([[1000.0, -1000.0]]), np.array([1]))).all()
+
+
+def test_loss_attack_arrays_are_the_reports_roc():
+    rng = np.random.default_rng(6)
+    labels = rng.integers(0, 3, 50)
+    train = rng.normal(size=(50, 3)) + 2.0 * np.eye(3)[labels]
+    hold = rng.normal(size=(40, 3)) + np.eye(3)[labels[:40]]
+    arrays = mia.loss_attack_arrays(train, labels, hold, labels[:40])
+    np.testing.assert_array_equal(arrays["member_loss"], losses.per_example_loss(train, labels))
+    truth = np.r_[np.ones(50), np.zeros(40)]
+    scores = -np.r_[arrays["member_loss"], arrays["nonmember_loss"]]
+    sk_fpr, sk_tpr, _ = skm.roc_curve(truth, scores, drop_intermediate=False)
+    np.testing.assert_allclose(arrays["loss_roc_fpr"], sk_fpr)
+    np.testing.assert_allclose(arrays["loss_roc_tpr"], sk_tpr)
+    report = mia.membership_report(train, labels, hold, labels[:40], 1e-5, None)
+    fpr, tpr = arrays["loss_roc_fpr"], arrays["loss_roc_tpr"]
+    assert report["loss"]["tpr_at_fpr_1pct"] == mia.tpr_at_fpr(fpr, tpr, 0.01)
+    assert report["loss"]["auc"] == pytest.approx(float(np.trapezoid(tpr, fpr)), abs=1e-12)
+    empty = mia.loss_attack_arrays(train, labels, hold[:0], labels[:0])
+    assert len(empty["loss_roc_fpr"]) == 0 and len(empty["nonmember_loss"]) == 0
+
+
 def _gaussian_dp_epsilon(mu: float, delta: float) -> float:
     """Exact eps(delta) of distinguishing N(mu, 1) from N(0, 1) (Balle & Wang 2018)."""
 
@@ -171,6 +205,7 @@ def _write_inputs(tmp_path, leak: bool, private: bool = True):
         *("--predictions", str(tmp_path / "predictions.npz")),
         *("--privacy", str(tmp_path / "privacy.json")),
         *("--out", str(tmp_path / "run/evaluation.json")),
+        *("--arrays", str(tmp_path / "run/evaluation.npz")),
     ]
 
 
@@ -183,7 +218,13 @@ def test_evaluate_step_writes_evaluation_json(tmp_path):
     assert out["membership"]["audit_passed"] is True
     assert {"auc", "tpr_at_fpr_1pct", "tpr_at_fpr_0p1pct"} <= set(out["membership"]["loss"])
     assert "empirical eps >=" in done.stdout
-    assert list((tmp_path / "run").iterdir()) == [tmp_path / "run/evaluation.json"]
+    assert sorted(p.name for p in (tmp_path / "run").iterdir()) == [
+        "evaluation.json",
+        "evaluation.npz",
+    ]
+    with np.load(tmp_path / "run/evaluation.npz") as arrays:
+        assert len(arrays["member_loss"]) == len(arrays["nonmember_loss"]) == 300
+        assert arrays["loss_roc_fpr"][0] == 0.0 and arrays["loss_roc_tpr"][-1] == 1.0
 
 
 def test_evaluate_step_fails_loudly_when_the_bound_exceeds_the_accounted_epsilon(tmp_path):
@@ -192,7 +233,7 @@ def test_evaluate_step_fails_loudly_when_the_bound_exceeds_the_accounted_epsilon
     (line,) = done.stderr.strip().splitlines()
     assert line.startswith("dpscale.metrics.evaluate: membership audit: empirical epsilon lower")
     assert "exceeds the accounted epsilon 1 (rdp, delta=1e-05, poisson sampling)" in line
-    assert not (tmp_path / "run/evaluation.json").exists()
+    assert not (tmp_path / "run").exists()
 
 
 def test_non_private_leak_is_reported_not_failed(tmp_path):

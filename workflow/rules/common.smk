@@ -5,6 +5,7 @@ from pathlib import Path
 from dpscale import backends as dp_backends
 from dpscale import config as dp_config
 from dpscale import envs as dp_envs
+from dpscale import levels as dp_levels
 from dpscale import resources as dp_resources
 from dpscale.workflow import run_step
 
@@ -18,7 +19,7 @@ RESULTS = Path("results") / EXP
 DATASET = config["dataset"]
 DATA_DIR = f"resources/datasets/{DATASET['name']}/{DATASET['resolution']}px"
 SPLITS = list(config["splits"]["profiles"])
-LEVELS = config["privacy"]["levels"]
+LEVELS = config["privacy"]["levels"]  # canonical names (eps8.0 -> eps8), see dpscale.levels
 SEEDS = config["seeds"]
 BACKENDS = config["backends"]
 # name -> effective training, model and simulate_batch_size (the config's, overrides merged in)
@@ -33,7 +34,7 @@ PRETRAIN = str(RESULTS / "pretrain")
 
 wildcard_constraints:
     split="|".join(SPLITS),
-    level="none|eps[0-9.]+|sigma[0-9.]+",
+    level=dp_levels.WILDCARD,
     variant="|".join(VARIANTS),
     seed=r"\d+",
 

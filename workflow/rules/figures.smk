@@ -1,8 +1,8 @@
 # Figures and the Snakemake report: summary.csv and the runs' outputs -> results/<exp>/figures/
-# (SVG in the report, PNG beside it for the README). One rule per figure family; each runs
+# (SVG in the report, PNG beside it for the README). Metrics come from the evaluate step
+# (evaluation.json/.npz), never recomputed from predictions. One rule per figure family; each runs
 # `python -m dpscale.plots --figure <name>` in the base env. Report: `snakemake --report
 # results/<exp>/report.html` after a run; categories below, labels let a reader filter.
-from dpscale.plots.data import level_text
 from dpscale.plots.targets import FigureGrid, run_dirs
 
 FIG = FigureGrid(
@@ -190,8 +190,7 @@ rule fig_training:
 
 rule fig_disparate:
     input:
-        split=split_file(),
-        predictions=lambda w: FIG.run_files("predictions.npz", split=w.split),
+        evaluations=lambda w: FIG.run_files("evaluation.json", split=w.split),
         metrics=lambda w: FIG.run_files("metrics.json", split=w.split),
     output:
         svg=report(
@@ -213,7 +212,6 @@ rule fig_disparate:
             threads,
             figure="disparate",
             runs=run_dirs(input.metrics),
-            split=input.split,
             svg=output.svg,
             png=output.png,
         )
@@ -221,7 +219,7 @@ rule fig_disparate:
 
 rule fig_membership_histograms:
     input:
-        predictions=lambda w: FIG.run_files("predictions.npz", split=w.split, backend=w.backend),
+        arrays=lambda w: FIG.run_files("evaluation.npz", split=w.split, backend=w.backend),
         metrics=lambda w: FIG.run_files("metrics.json", split=w.split, backend=w.backend),
     output:
         svg=report(
@@ -253,7 +251,8 @@ rule fig_membership_histograms:
 
 rule fig_membership_roc:
     input:
-        predictions=lambda w: FIG.run_files("predictions.npz", split=w.split),
+        arrays=lambda w: FIG.run_files("evaluation.npz", split=w.split),
+        evaluations=lambda w: FIG.run_files("evaluation.json", split=w.split),
         metrics=lambda w: FIG.run_files("metrics.json", split=w.split),
     output:
         svg=report(
@@ -283,9 +282,8 @@ rule fig_membership_roc:
 
 rule fig_confusion:
     input:
-        split=split_file(),
-        predictions=lambda w: FIG.run_files(
-            "predictions.npz", split=w.split, backend=w.backend, level=w.level, variant=w.variant
+        evaluations=lambda w: FIG.run_files(
+            "evaluation.json", split=w.split, backend=w.backend, level=w.level, variant=w.variant
         ),
         metrics=lambda w: FIG.run_files(
             "metrics.json", split=w.split, backend=w.backend, level=w.level, variant=w.variant
@@ -300,7 +298,7 @@ rule fig_confusion:
             labels=lambda w: {
                 "backend": w.backend,
                 "split": w.split,
-                "epsilon": level_text(w.level),
+                "epsilon": dp_levels.text(w.level),
                 "variant": w.variant,
             },
         ),
@@ -319,7 +317,6 @@ rule fig_confusion:
             threads,
             figure="confusion",
             runs=run_dirs(input.metrics),
-            split=input.split,
             svg=output.svg,
             png=output.png,
         )

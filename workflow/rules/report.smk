@@ -1,6 +1,8 @@
 # Report stage: each run's predictions -> evaluation.json (long-tail metrics, membership
-# inference); every run's metrics.json and evaluation.json -> results/<exp>/summary.csv (one
-# tidy row per run, every config parameter as a column); figures and the report build on them.
+# inference) and evaluation.npz (per-example losses, ROC points): the one metrics engine, which
+# the figures read; every run's metrics.json and evaluation.json -> results/<exp>/summary.csv
+# (one tidy row per run, every config parameter as a column); figures and the report build on
+# them.
 
 
 rule aggregate:
@@ -35,7 +37,9 @@ rule evaluate:
         privacy=privacy_file(),
         split=split_file(),
     output:
-        f"{RUN}/evaluation.json",
+        json=f"{RUN}/evaluation.json",
+        # Per-example losses and ROC points, too long for the JSON: the membership figures'.
+        npz=f"{RUN}/evaluation.npz",
     log:
         str(RESULTS / "logs/evaluate/{split}/{backend}/{level}/{variant}/seed{seed}.log"),
     threads: 1
@@ -48,7 +52,8 @@ rule evaluate:
             predictions=input.predictions,
             privacy=input.privacy,
             split=input.split,
-            out=output[0],
+            out=output.json,
+            arrays=output.npz,
             seed=wildcards.seed,
         )
 

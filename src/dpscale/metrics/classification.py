@@ -12,6 +12,8 @@ from __future__ import annotations
 import numpy as np
 from scipy.stats import rankdata
 
+from dpscale.metrics.losses import per_example_loss, softmax
+
 #: Shot groups by training images per class: many > 100 >= medium >= 20 > few
 MANY_SHOT_ABOVE = 100
 FEW_SHOT_BELOW = 20
@@ -26,21 +28,6 @@ def check_logits(logits: np.ndarray, labels: np.ndarray, name: str = "logits") -
         raise ValueError(f"{name}: labels outside 0..{logits.shape[1] - 1}")
     if not np.isfinite(logits).all():
         raise ValueError(f"{name}: non-finite logits; expected finite numbers")
-
-
-def log_softmax(logits: np.ndarray) -> np.ndarray:
-    z = logits.astype(np.float64)
-    z = z - z.max(axis=1, keepdims=True)
-    return z - np.log(np.exp(z).sum(axis=1, keepdims=True))
-
-
-def softmax(logits: np.ndarray) -> np.ndarray:
-    return np.exp(log_softmax(logits))
-
-
-def per_example_loss(logits: np.ndarray, labels: np.ndarray) -> np.ndarray:
-    """Softmax cross-entropy of each example (float64)."""
-    return -log_softmax(logits)[np.arange(len(labels)), labels]
 
 
 def confusion_matrix(labels: np.ndarray, predicted: np.ndarray, num_classes: int) -> np.ndarray:

@@ -1,4 +1,4 @@
-"""`python -m dpscale.metrics.evaluate`: a run's predictions.npz -> evaluation.json beside it.
+"""`python -m dpscale.metrics.evaluate`: a run's predictions.npz -> evaluation.json and .npz.
 
 Test-set classification metrics for balanced and long-tailed data (per-class recall, balanced
 accuracy, many/medium/few-shot accuracy, macro-F1, one-vs-rest AUC, confusion matrix), train and
@@ -6,6 +6,10 @@ holdout accuracy, and membership inference (train = members, holdout = non-membe
 empirical epsilon lower bound next to the accounted one. A bound above the accounted epsilon
 is a bug somewhere (sampling, noise, clipping or accounting): the step then fails loudly,
 after logging the whole evaluation.
+
+evaluation.npz holds the arrays too long for JSON that the membership figures draw: every
+member's and non-member's loss and the loss attack's ROC points (`loss_attack_arrays`). The
+figures read these two files, never the predictions: this step is the one metrics engine.
 """
 
 from __future__ import annotations
@@ -17,13 +21,13 @@ from pathlib import Path
 
 import numpy as np
 
-from dpscale.atomic import json_safe, write_json
+from dpscale.atomic import json_safe, write_json, write_npz
 from dpscale.metrics.classification import (
     check_logits,
     classification_report,
     per_example_loss,
 )
-from dpscale.metrics.membership import ALPHA, membership_report
+from dpscale.metrics.membership import ALPHA, loss_attack_arrays, membership_report
 
 PARTS = ("train", "holdout", "test")
 
@@ -32,21 +36,26 @@ class EvaluationError(ValueError):
     """Inputs that cannot be evaluated, or an audit that contradicts the accounted epsilon."""
 
 
-def load_predictions(path: str | Path) -> dict[str, np.ndarray]:
+def read_arrays(path: str | Path, names, expected: str) -> dict[str, np.ndarray]:
+    """The named arrays of an .npz (the runner's predictions.npz, this step's evaluation.npz);
+    EvaluationError naming what is missing, or why the file is unreadable."""
     path = Path(path)
-    needed = [f"{p}_{k}" for p in PARTS for k in ("logits", "labels")]
     try:
         with np.load(path, allow_pickle=False) as z:
-            missing = [k for k in needed if k not in z.files]
+            missing = [k for k in names if k not in z.files]
             if missing:
-                raise EvaluationError(
-                    f"{path}: missing {', '.join(missing)}; expected the runner's predictions.npz"
-                )
-            arrays = {k: z[k] for k in z.files}
+                raise EvaluationError(f"{path}: missing {', '.join(missing)}; expected {expected}")
+            return {k: z[k] for k in names}
     except (OSError, ValueError) as err:
         if isinstance(err, EvaluationError):
             raise
-        raise EvaluationError(f"{path}: not readable as .npz ({err})") from None
+        message = f"{path}: not readable as .npz ({err}); expected {expected}"
+        raise EvaluationError(message) from None
+
+
+def load_predictions(path: str | Path) -> dict[str, np.ndarray]:
+    needed = [f"{p}_{k}" for p in PARTS for k in ("logits", "labels")]
+    arrays = read_arrays(path, needed, "the runner's predictions.npz")
     for part in PARTS:
         try:
             check_logits(arrays[f"{part}_logits"], arrays[f"{part}_labels"], f"{path}: {part}")
@@ -120,6 +129,16 @@ def evaluate(
     }
 
 
+def evaluation_arrays(predictions: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """evaluation.npz's content (pure): see the module docstring."""
+    return loss_attack_arrays(
+        predictions["train_logits"],
+        predictions["train_labels"],
+        predictions["holdout_logits"],
+        predictions["holdout_labels"],
+    )
+
+
 def check_audit(evaluation: dict) -> None:
     """Fail loudly when the empirical lower bound exceeds the accounted epsilon."""
     mia = evaluation["membership"]
@@ -161,6 +180,7 @@ def main(argv=None) -> None:
     parser.add_argument("--privacy", required=True, help="the run's privacy file")
     parser.add_argument("--split", default=None, help="split file (class names), optional")
     parser.add_argument("--out", required=True, help="evaluation.json to write")
+    parser.add_argument("--arrays", required=True, help="evaluation.npz to write")
     parser.add_argument("--seed", type=int, default=0, help="seed of the audit's half split")
     parser.add_argument("--threads", type=int, default=1, help="unused")
     args = parser.parse_args(argv)
@@ -178,8 +198,9 @@ def main(argv=None) -> None:
         if "evaluation" in locals():
             print(json.dumps(json_safe(evaluation), indent=1), flush=True)
         sys.exit(f"dpscale.metrics.evaluate: {err}")
+    write_npz(Path(args.arrays), evaluation_arrays(predictions))
     write_json(Path(args.out), evaluation)
-    print(f"wrote {args.out}", flush=True)
+    print(f"wrote {args.out} and {args.arrays}", flush=True)
 
 
 if __name__ == "__main__":

@@ -26,7 +26,8 @@ import math
 import numpy as np
 from scipy.stats import beta
 
-from dpscale.metrics.classification import check_logits, per_example_loss, roc_auc, softmax
+from dpscale.metrics.classification import check_logits, roc_auc
+from dpscale.metrics.losses import per_example_loss, softmax
 
 ATTACKS = ("loss", "confidence")
 #: Low-FPR operating points reported per attack.
@@ -141,6 +142,25 @@ def _histogram(members: np.ndarray, nonmembers: np.ndarray, lo: float, hi: float
         "edges": edges.tolist(),
         "members": np.histogram(np.clip(members, edges[0], edges[-1]), edges)[0].tolist(),
         "nonmembers": np.histogram(np.clip(nonmembers, edges[0], edges[-1]), edges)[0].tolist(),
+    }
+
+
+def loss_attack_arrays(
+    train_logits: np.ndarray,
+    train_labels: np.ndarray,
+    holdout_logits: np.ndarray,
+    holdout_labels: np.ndarray,
+) -> dict[str, np.ndarray]:
+    """What the membership figures draw, too long for evaluation.json: each member's and
+    non-member's loss and the loss attack's ROC points (empty without both groups)."""
+    member = per_example_loss(train_logits, train_labels)
+    nonmember = per_example_loss(holdout_logits, holdout_labels)
+    fpr, tpr = roc_curve(-member, -nonmember) if len(member) and len(nonmember) else ([], [])
+    return {
+        "member_loss": member,
+        "nonmember_loss": nonmember,
+        "loss_roc_fpr": np.asarray(fpr, np.float64),
+        "loss_roc_tpr": np.asarray(tpr, np.float64),
     }
 
 

@@ -1,16 +1,17 @@
 """`python -m dpscale.plots --figure <name>`: one figure of the report, as SVG and PNG.
 
-Figures and what they read:
+Figures and what they read (never predictions.npz: metrics come from the evaluate step):
   accuracy    summary.csv                 test accuracy vs epsilon per backend, facets per split
   balanced_accuracy  summary.csv          the same for balanced accuracy (from evaluation.json)
   audit       summary.csv                 empirical epsilon lower bound vs accounted epsilon
   seconds     summary.csv                 seconds per epoch per backend and level
   step_ratio  summary.csv                 DP / non-private steady step time per backend
   training    runs' history.csv           train/test loss per epoch per backend, panel per level
-  disparate   runs' predictions + split   per-class recall drop (DP vs none) vs training count
-  mia_hist    runs' predictions           member vs non-member loss histograms, panel per level
-  mia_roc     runs' predictions           loss-threshold attack ROC, panel per backend
-  confusion   runs' predictions + split   test confusion matrix (seeds summed)
+  disparate   runs' evaluation.json       per-class recall drop (DP vs none) vs training count
+  mia_hist    runs' evaluation.npz        member vs non-member loss histograms, panel per level
+  mia_roc     runs' evaluation.npz/.json  loss-threshold attack ROC, panel per backend
+  confusion   runs' evaluation.json       test confusion matrix (seeds summed)
+Run figures also read each run's metrics.json (its keys and epsilon).
 """
 
 from __future__ import annotations
@@ -25,7 +26,6 @@ from dpscale.plots import data, figures
 
 SUMMARY_FIGURES = ("accuracy", "balanced_accuracy", "audit", "seconds", "step_ratio")
 RUN_FIGURES = ("training", "disparate", "mia_hist", "mia_roc", "confusion")
-NEEDS_SPLIT = ("disparate", "confusion")
 
 
 def build(args) -> object:
@@ -47,11 +47,11 @@ def build(args) -> object:
     if args.figure == "training":
         return figures.training_curves(data.history_table(runs))
     if args.figure == "disparate":
-        return figures.disparate_impact(data.accuracy_drop(data.per_class_table(runs, args.split)))
+        return figures.disparate_impact(data.accuracy_drop(data.per_class_table(runs)))
     if args.figure == "mia_hist":
         return figures.membership_histograms(data.membership_scores(runs))
     if args.figure == "mia_roc":
-        return figures.membership_roc(data.roc_table(data.membership_scores(runs)))
+        return figures.membership_roc(data.roc_table(runs))
     keys = data.run_keys(data.read_metrics(runs[0]))
     seeds = sorted({data.read_metrics(r)["seed"] for r in runs})
     title = (
@@ -63,7 +63,7 @@ def build(args) -> object:
         )
         + f"; seeds {', '.join(map(str, seeds))} summed"
     )
-    return figures.confusion_matrix(data.confusion_table(runs, args.split), title)
+    return figures.confusion_matrix(data.confusion_table(runs), title)
 
 
 def _runs_arg(text: str) -> list[str]:
@@ -81,7 +81,6 @@ def main(argv=None) -> None:
     parser.add_argument("--figure", required=True, choices=SUMMARY_FIGURES + RUN_FIGURES)
     parser.add_argument("--summary", help="summary.csv (accuracy, seconds, step_ratio)")
     parser.add_argument("--runs", type=_runs_arg, help="JSON list of run directories")
-    parser.add_argument("--split", help="the runs' split .npz (disparate, confusion)")
     parser.add_argument("--svg", required=True, help="SVG to write (the report's)")
     parser.add_argument("--png", help="PNG to write (the README's)")
     parser.add_argument("--threads", type=int, default=1, help="unused")
@@ -90,8 +89,6 @@ def main(argv=None) -> None:
         parser.error(f"--figure {args.figure} needs --summary (summary.csv)")
     if args.figure in RUN_FIGURES and not args.runs:
         parser.error(f"--figure {args.figure} needs --runs (a JSON list of run directories)")
-    if args.figure in NEEDS_SPLIT and not args.split:
-        parser.error(f"--figure {args.figure} needs --split (the runs' split .npz)")
     try:
         fig = build(args)
     except (data.PlotDataError, FileNotFoundError) as err:

@@ -1,20 +1,22 @@
 """Tidy tables for the figures, from the run outputs (pure functions; numpy and pandas only).
 
-Everything here is recomputed from `predictions.npz` (train/holdout/test logits and model labels)
-so the figures need nothing beyond the backend contract's outputs. Per-example losses are the
-cross-entropy of the final model on un-augmented inputs, as `metrics.json` reports them.
+No metric is computed here: per-class recall, the confusion matrix, per-example losses and the
+attack's ROC come from the `evaluate` step (dpscale.metrics: evaluation.json and evaluation.npz
+beside each run's metrics.json), so a figure and summary.csv always show the same numbers.
+Tables only gather them with the run keys, and join or sum across runs.
 """
 
 from __future__ import annotations
 
 import json
 import math
-import re
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
+
+from dpscale.metrics import evaluate
 
 #: Run keys every table carries, so a figure can facet or colour by any of them.
 RUN_KEYS = ("split", "backend", "mode", "level", "seed")
@@ -26,33 +28,7 @@ class PlotDataError(ValueError):
     """A run output or table that cannot be turned into a figure's data."""
 
 
-# --- privacy levels -----------------------------------------------------------------------
-
-
-def level_order(level: str) -> tuple:
-    """none first, then eps<target> by target (eps2 before eps10), then sigma<multiplier>."""
-    match = re.match(r"^(eps|sigma)([0-9.]+)$", str(level))
-    if level == "none":
-        return (0, 0.0)
-    if match:
-        return (1 if match.group(1) == "eps" else 2, float(match.group(2)))
-    return (3, 0.0)
-
-
-def sorted_levels(levels: Iterable[str]) -> list[str]:
-    return sorted(set(levels), key=level_order)
-
-
-def level_text(level: str) -> str:
-    """What a level means before it is run: the report's `epsilon` label."""
-    match = re.match(r"^(eps|sigma)([0-9.]+)$", str(level))
-    if level == "none":
-        return "∞ (non-private)"
-    if match and match.group(1) == "eps":
-        return f"≤ {match.group(2)} (target)"
-    if match:
-        return f"sigma {match.group(2)} (calibrated: see summary)"
-    return str(level)
+# --- labels ------------------------------------------------------------------------------
 
 
 def with_variant(label: str, variant=None) -> str:
@@ -102,14 +78,18 @@ def _isnan(value) -> bool:
 # --- loading run outputs -------------------------------------------------------------------
 
 
-def read_metrics(run_dir: str | Path) -> dict:
-    path = Path(run_dir) / "metrics.json"
+def _read_json(path: Path, what: str) -> dict:
     try:
-        metrics = json.loads(path.read_text())
+        return json.loads(path.read_text())
     except FileNotFoundError:
-        raise PlotDataError(f"{path}: not found; expected a run's metrics.json") from None
+        raise PlotDataError(f"{path}: not found; expected {what}") from None
     except json.JSONDecodeError as err:
         raise PlotDataError(f"{path}: invalid JSON ({err.msg} at line {err.lineno})") from None
+
+
+def read_metrics(run_dir: str | Path) -> dict:
+    path = Path(run_dir) / "metrics.json"
+    metrics = _read_json(path, "a run's metrics.json")
     missing = [k for k in RUN_KEYS if k not in metrics]
     if missing:
         raise PlotDataError(f"{path}: missing run keys {missing}; expected {list(RUN_KEYS)}")
@@ -127,23 +107,29 @@ def run_keys(metrics: Mapping) -> dict:
     return keys
 
 
-def read_predictions(run_dir: str | Path, parts=("train", "holdout", "test")) -> dict:
-    path = Path(run_dir) / "predictions.npz"
+def read_evaluation(run_dir: str | Path) -> dict:
+    """The evaluate step's evaluation.json of one run."""
+    return _read_json(Path(run_dir) / "evaluation.json", "the run's evaluation.json")
+
+
+def read_evaluation_arrays(run_dir: str | Path, names: Iterable[str]) -> dict[str, np.ndarray]:
+    """Arrays of the evaluate step's evaluation.npz of one run."""
+    path = Path(run_dir) / "evaluation.npz"
     try:
-        with np.load(path) as npz:
-            out = {}
-            for part in parts:
-                for kind in ("logits", "labels"):
-                    name = f"{part}_{kind}"
-                    if name not in npz.files:
-                        raise PlotDataError(
-                            f"{path}: no array {name!r}; expected {{train,holdout,test}}_logits"
-                            " and _labels"
-                        )
-                    out[name] = npz[name]
-    except FileNotFoundError:
-        raise PlotDataError(f"{path}: not found; expected a run's predictions.npz") from None
-    return out
+        return evaluate.read_arrays(path, list(names), "the evaluate step's evaluation.npz")
+    except evaluate.EvaluationError as err:
+        raise PlotDataError(str(err)) from None
+
+
+def _test_report(run_dir: str | Path) -> dict:
+    """evaluation.json's test-set report: per-class rows and the confusion matrix."""
+    test = read_evaluation(run_dir).get("test") or {}
+    if "per_class" not in test or "confusion" not in test:
+        raise PlotDataError(
+            f"{Path(run_dir) / 'evaluation.json'}: no test per_class and confusion; expected "
+            "the evaluate step's output"
+        )
+    return test
 
 
 def read_history(run_dir: str | Path, metrics: Mapping | None = None) -> pd.DataFrame:
@@ -161,86 +147,6 @@ def read_history(run_dir: str | Path, metrics: Mapping | None = None) -> pd.Data
     return history
 
 
-def read_split(path: str | Path) -> tuple[np.ndarray, list[str]]:
-    """(train_counts, class names) of a split file."""
-    path = Path(path)
-    try:
-        with np.load(path) as npz:
-            counts = npz["train_counts"].astype(np.int64)
-            meta = json.loads(str(npz["meta"])) if "meta" in npz.files else {}
-    except FileNotFoundError:
-        raise PlotDataError(f"{path}: not found; expected a split .npz") from None
-    except KeyError as err:
-        raise PlotDataError(f"{path}: no array {err}; expected train_counts and meta") from None
-    names = meta.get("class_names") or [str(c) for c in range(len(counts))]
-    if len(names) != len(counts):
-        raise PlotDataError(
-            f"{path}: {len(names)} class names for {len(counts)} train_counts; expected one each"
-        )
-    return counts, [str(n) for n in names]
-
-
-# --- per-example and per-class quantities --------------------------------------------------
-
-
-def log_softmax(logits: np.ndarray) -> np.ndarray:
-    z = np.asarray(logits, np.float64)
-    z = z - z.max(axis=1, keepdims=True)
-    return z - np.log(np.exp(z).sum(axis=1, keepdims=True))
-
-
-def example_losses(logits: np.ndarray, labels: np.ndarray) -> np.ndarray:
-    """Cross-entropy of each example: the loss-threshold attack's score (low = member)."""
-    labels = np.asarray(labels, np.int64)
-    return -log_softmax(logits)[np.arange(len(labels)), labels]
-
-
-def per_class_recall(logits: np.ndarray, labels: np.ndarray, num_classes: int) -> np.ndarray:
-    """Accuracy on the examples of each class (NaN for a class with none)."""
-    labels = np.asarray(labels, np.int64)
-    correct = np.asarray(logits).argmax(axis=1) == labels
-    hits = np.bincount(labels[correct], minlength=num_classes).astype(np.float64)
-    total = np.bincount(labels, minlength=num_classes).astype(np.float64)
-    with np.errstate(invalid="ignore", divide="ignore"):
-        return np.where(total > 0, hits / total, np.nan)
-
-
-def confusion(logits: np.ndarray, labels: np.ndarray, num_classes: int) -> np.ndarray:
-    """counts[true, predicted]."""
-    pred = np.asarray(logits).argmax(axis=1)
-    flat = np.asarray(labels, np.int64) * num_classes + pred
-    return np.bincount(flat, minlength=num_classes * num_classes).reshape(num_classes, -1)
-
-
-def roc_points(member_scores: np.ndarray, nonmember_scores: np.ndarray):
-    """(fpr, tpr) of the attack 'member if score >= t' over every threshold t, from (0,0) to (1,1).
-
-    Ties are one threshold (one point), so the curve never favours an order inside a tie.
-    """
-    m, n = np.asarray(member_scores, float), np.asarray(nonmember_scores, float)
-    if len(m) == 0 or len(n) == 0:
-        raise PlotDataError(
-            f"ROC needs members and non-members; got {len(m)} members, {len(n)} non-members"
-        )
-    scores = np.concatenate([m, n])
-    is_member = np.concatenate([np.ones(len(m)), np.zeros(len(n))])
-    order = np.argsort(-scores, kind="stable")
-    scores, is_member = scores[order], is_member[order]
-    last_of_tie = np.r_[scores[1:] != scores[:-1], True]
-    tp = np.cumsum(is_member)[last_of_tie]
-    fp = np.cumsum(1 - is_member)[last_of_tie]
-    return np.r_[0.0, fp / len(n)], np.r_[0.0, tp / len(m)]
-
-
-def auc(fpr: np.ndarray, tpr: np.ndarray) -> float:
-    return float(np.sum(np.diff(fpr) * (tpr[1:] + tpr[:-1]) / 2))
-
-
-def tpr_at_fpr(fpr: np.ndarray, tpr: np.ndarray, max_fpr: float) -> float:
-    """Best true-positive rate among thresholds whose false-positive rate is at most max_fpr."""
-    return float(tpr[fpr <= max_fpr].max())
-
-
 # --- tidy tables ---------------------------------------------------------------------------
 
 
@@ -252,60 +158,62 @@ def history_table(run_dirs: Iterable[str | Path]) -> pd.DataFrame:
 
 
 def membership_scores(run_dirs: Iterable[str | Path]) -> pd.DataFrame:
-    """One row per train (member) and holdout (non-member) example: its loss and confidence."""
+    """One row per train (member) and holdout (non-member) example: its loss (evaluation.npz)."""
     frames = []
     for run in run_dirs:
         keys = run_keys(read_metrics(run))
-        pred = read_predictions(run, ("train", "holdout"))
-        for part, member in (("train", MEMBER), ("holdout", NON_MEMBER)):
-            logits, labels = pred[f"{part}_logits"], pred[f"{part}_labels"]
-            loss = example_losses(logits, labels)
-            frames.append(
-                pd.DataFrame({**keys, "member": member, "loss": loss, "confidence": np.exp(-loss)})
-            )
+        losses = read_evaluation_arrays(run, ("member_loss", "nonmember_loss"))
+        for name, member in (("member_loss", MEMBER), ("nonmember_loss", NON_MEMBER)):
+            frames.append(pd.DataFrame({**keys, "member": member, "loss": losses[name]}))
     if not frames:
         raise PlotDataError("no runs given; expected at least one run directory")
     return pd.concat(frames, ignore_index=True)
 
 
-def roc_table(scores: pd.DataFrame, max_fpr: float = 0.01) -> pd.DataFrame:
-    """ROC points of the loss-threshold attack per (split, backend, mode, level, variant), seeds
-    pooled.
+def roc_table(run_dirs: Iterable[str | Path]) -> pd.DataFrame:
+    """ROC points of each run's loss-threshold attack (evaluation.npz), one curve per run.
 
-    Each row also carries the curve's AUC and TPR at `max_fpr` FPR for the legend.
+    Each row also carries the run's AUC and TPR at 1% FPR (evaluation.json) for the legend.
     """
-    frames = []
-    by = ["split", "backend", "mode", "level", "variant"]
-    for keys, group in scores.groupby(by, sort=False):
-        member = -group.loc[group["member"] == MEMBER, "loss"].to_numpy()
-        nonmember = -group.loc[group["member"] == NON_MEMBER, "loss"].to_numpy()
-        fpr, tpr = roc_points(member, nonmember)
-        frame = pd.DataFrame({"fpr": fpr, "tpr": tpr})
-        frame[by] = keys
-        frame["privacy"] = group["privacy"].iloc[0]
-        frame["auc"] = auc(fpr, tpr)
-        frame["tpr_at_fpr"] = tpr_at_fpr(fpr, tpr, max_fpr)
-        frame["n_members"], frame["n_nonmembers"] = len(member), len(nonmember)
-        frames.append(frame)
-    return pd.concat(frames, ignore_index=True)
-
-
-def per_class_table(run_dirs: Iterable[str | Path], split_file: str | Path) -> pd.DataFrame:
-    """Test recall of every class in every run, beside the class's training count."""
-    counts, names = read_split(split_file)
     frames = []
     for run in run_dirs:
         keys = run_keys(read_metrics(run))
-        pred = read_predictions(run, ("test",))
-        recall = per_class_recall(pred["test_logits"], pred["test_labels"], len(counts))
+        mia = read_evaluation(run).get("membership") or {}
+        points = read_evaluation_arrays(run, ("loss_roc_fpr", "loss_roc_tpr"))
+        if "loss" not in mia or not len(points["loss_roc_fpr"]):
+            raise PlotDataError(
+                f"{run}: no loss-attack ROC; the ROC needs members and non-members, got "
+                f"{mia.get('n_members', 0)} members, {mia.get('n_nonmembers', 0)} non-members"
+            )
+        frame = pd.DataFrame({"fpr": points["loss_roc_fpr"], "tpr": points["loss_roc_tpr"]})
+        frame = frame.assign(
+            **keys,
+            auc=mia["loss"]["auc"],
+            tpr_at_fpr=mia["loss"]["tpr_at_fpr_1pct"],
+            n_members=mia["n_members"],
+            n_nonmembers=mia["n_nonmembers"],
+        )
+        frames.append(frame)
+    if not frames:
+        raise PlotDataError("no runs given; expected at least one run directory")
+    return pd.concat(frames, ignore_index=True)
+
+
+def per_class_table(run_dirs: Iterable[str | Path]) -> pd.DataFrame:
+    """Test recall of every class in every run, beside the class's training count."""
+    frames = []
+    for run in run_dirs:
+        keys = run_keys(read_metrics(run))
+        rows = _test_report(run)["per_class"]
         frames.append(
             pd.DataFrame(
                 {
                     **keys,
-                    "class": names,
-                    "class_index": np.arange(len(counts)),
-                    "train_count": counts,
-                    "recall": recall,
+                    "class": [str(r["name"]) for r in rows],
+                    "class_index": [r["class"] for r in rows],
+                    "train_count": [r["train_count"] for r in rows],
+                    # None (no test example of the class) is NaN: no recall to average
+                    "recall": np.array([r["recall"] for r in rows], dtype=float),
                 }
             )
         )
@@ -341,16 +249,22 @@ def accuracy_drop(per_class: pd.DataFrame) -> pd.DataFrame:
     return drop
 
 
-def confusion_table(run_dirs: Iterable[str | Path], split_file: str | Path) -> pd.DataFrame:
+def confusion_table(run_dirs: Iterable[str | Path]) -> pd.DataFrame:
     """Test-set confusion counts summed over runs (seeds): rows true, columns predicted."""
-    counts, names = read_split(split_file)
-    total = np.zeros((len(counts), len(counts)), np.int64)
-    n_runs = 0
+    total, names = None, None
     for run in run_dirs:
-        pred = read_predictions(run, ("test",))
-        total += confusion(pred["test_logits"], pred["test_labels"], len(counts))
-        n_runs += 1
-    if not n_runs:
+        test = _test_report(run)
+        counts = np.asarray(test["confusion"], np.int64)
+        if total is None:
+            total, names = counts, [str(r["name"]) for r in test["per_class"]]
+        elif counts.shape != total.shape:
+            raise PlotDataError(
+                f"{run}: a {counts.shape} confusion matrix; expected {total.shape} as the "
+                "other runs' (one class list per figure)"
+            )
+        else:
+            total = total + counts
+    if total is None:
         raise PlotDataError("no runs given; expected at least one run directory")
     return pd.DataFrame(
         total,

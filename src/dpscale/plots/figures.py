@@ -19,13 +19,12 @@ import pandas as pd  # noqa: E402
 import seaborn as sns  # noqa: E402
 from matplotlib.ticker import MaxNLocator  # noqa: E402
 
-from dpscale import atomic  # noqa: E402
+from dpscale import atomic, levels  # noqa: E402
 from dpscale.plots.data import (  # noqa: E402
     MEMBER,
     NON_MEMBER,
     PlotDataError,
     accounting_text,
-    level_order,
     with_variant,
 )
 
@@ -77,7 +76,8 @@ def _with_backend_labels(table: pd.DataFrame) -> pd.DataFrame:
 def _privacy_order(table: pd.DataFrame) -> list[str]:
     """Legend order of the `privacy` labels: non-private first, then by level."""
     pairs = table[["level", "privacy"]].drop_duplicates()
-    return list(pairs.sort_values("level", key=lambda s: s.map(level_order))["privacy"].unique())
+    pairs = pairs.sort_values("level", key=lambda s: s.map(levels.order_key))
+    return list(pairs["privacy"].unique())
 
 
 def _natural(name) -> list:
@@ -95,7 +95,7 @@ def _level_labels(table: pd.DataFrame) -> tuple[pd.Series, list[str]]:
     variant = table["variant"] if "variant" in table else pd.Series(None, index=table.index)
     pairs = sorted(
         {(str(v), lv) for v, lv in zip(variant, table["level"], strict=True)},
-        key=lambda p: (level_order(p[1]), _natural(p[0])),
+        key=lambda p: (levels.order_key(p[1]), _natural(p[0])),
     )
 
     def label(v, lv):
@@ -341,12 +341,16 @@ def membership_histograms(scores: pd.DataFrame) -> plt.Figure:
 
 
 def membership_roc(roc: pd.DataFrame) -> plt.Figure:
-    """ROC of the loss-threshold membership attack, one panel per backend, a curve per level."""
-    _require(roc, ["fpr", "tpr", "backend", "privacy", "auc", "tpr_at_fpr"], "ROC table")
+    """ROC of the loss-threshold membership attack, one panel per backend, a curve per run
+    (level, and seed when there are several)."""
+    _require(roc, ["fpr", "tpr", "backend", "privacy", "seed", "auc", "tpr_at_fpr"], "ROC table")
     table = _with_backend_labels(roc)
+    seeds = table["seed"].nunique() > 1
     table["curve"] = [
-        f"{p}: AUC {a:.3f}, TPR {t:.3f} @1% FPR"
-        for p, a, t in zip(table["privacy"], table["auc"], table["tpr_at_fpr"], strict=True)
+        f"{p}{f' (seed {k})' if seeds else ''}: AUC {a:.3f}, TPR {t:.3f} @1% FPR"
+        for p, k, a, t in zip(
+            table["privacy"], table["seed"], table["auc"], table["tpr_at_fpr"], strict=True
+        )
     ]
     backends = sorted(table["backend"].unique())
     fig, axes = plt.subplots(
@@ -356,7 +360,7 @@ def membership_roc(roc: pd.DataFrame) -> plt.Figure:
     for ax, backend in zip(axes[0], backends, strict=True):
         rows = table[table["backend"] == backend].copy()
         rows["rank"] = rows["privacy"].map(order.index)
-        rows = rows.sort_values(["rank", "fpr", "tpr"], kind="stable")
+        rows = rows.sort_values(["rank", "seed", "fpr", "tpr"], kind="stable")
         for curve, points in rows.groupby("curve", sort=False):
             ax.plot(points["fpr"], points["tpr"], drawstyle="steps-post", label=curve)
         ax.plot([0, 1], [0, 1], color="grey", linestyle=":", linewidth=0.8)

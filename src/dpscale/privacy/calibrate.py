@@ -24,8 +24,8 @@ from pathlib import Path
 
 import numpy as np
 
-from dpscale import atomic
-from dpscale.config import ConfigError, parse_level
+from dpscale import atomic, levels
+from dpscale.config import ConfigError
 from dpscale.privacy import accountant as acc
 
 
@@ -70,7 +70,10 @@ def privacy_plan(
         raise ConfigError(
             f"config error: privacy.accountant: {accountant!r}; expected one of rdp, pld"
         )
-    parsed = parse_level(level)
+    try:
+        parsed = levels.parse(level)
+    except levels.LevelError as err:
+        raise ConfigError(f"config error: privacy.levels: {err}") from None
     plan = schedule(n_train, batch_size, epochs)
     large, large_epochs = None, None
     if simulate_batch_size is not None:
@@ -86,9 +89,9 @@ def privacy_plan(
     q, steps, per_epoch = plan["sample_rate"], plan["steps"], plan["steps_per_epoch"]
     n_epochs = len(acc.epoch_steps(steps, per_epoch))
     record = {
-        "level": level,
+        "level": parsed.name,
         "variant": variant,
-        "private": parsed["private"],
+        "private": parsed.private,
         "noise_multiplier": 0.0,
         **plan,
         "n_train": int(n_train),
@@ -102,7 +105,7 @@ def privacy_plan(
         "pld_value_discretization_interval": None,
         "sampling": acc.SAMPLING,
         "neighboring_relation": acc.NEIGHBORING,
-        "target_epsilon": parsed["target_epsilon"],
+        "target_epsilon": parsed.target_epsilon,
         "calibration_rtol": None,
         # Large-batch simulation only (see the module docstring); null otherwise.
         "simulated_batch_size": simulate_batch_size,
@@ -121,7 +124,7 @@ def privacy_plan(
         # null = infinite epsilon (non-private); one entry per epoch either way.
         "eps_by_epoch": [None] * n_epochs,
     }
-    if not parsed["private"]:
+    if not parsed.private:
         return record
     if not delta < 1 / n_train:
         raise ConfigError(
@@ -130,18 +133,13 @@ def privacy_plan(
         )
     # The level fixes the noise of the run it describes: this one, or the simulated large one.
     q_level = large["sample_rate"] if large else q
-    if parsed["target_epsilon"] is not None:
-        say(f"calibrating sigma for epsilon {parsed['target_epsilon']:g} ({accountant}) ...")
-        sigma = acc.calibrate_sigma(parsed["target_epsilon"], q_level, steps, delta, accountant)
+    if parsed.target_epsilon is not None:
+        say(f"calibrating sigma for epsilon {parsed.target_epsilon:g} ({accountant}) ...")
+        sigma = acc.calibrate_sigma(parsed.target_epsilon, q_level, steps, delta, accountant)
         record["calibration_rtol"] = acc.CALIBRATION_RTOL
         say(f"sigma = {sigma:.6g}")
     else:
-        sigma = parsed["noise_multiplier"]
-        if not sigma > 0:
-            raise ConfigError(
-                f"config error: privacy.levels: {level!r} adds no noise; expected sigma > 0, "
-                "or the level none for non-private training"
-            )
+        sigma = parsed.noise_multiplier  # > 0: levels.parse rejects sigma0
     if large:
         sigma0 = record["simulated_noise_multiplier"] = sigma
         eps0 = record["simulated_epsilon"] = acc.epsilon(q_level, sigma, steps, delta, accountant)

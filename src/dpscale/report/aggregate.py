@@ -22,7 +22,7 @@ import sys
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 
-from dpscale import atomic
+from dpscale import atomic, levels
 from dpscale.config import variant_configs
 
 #: Columns every summary has, in this order, whether or not any run recorded them.
@@ -221,7 +221,7 @@ def _row_order(row: dict) -> tuple:
         str(row.get("split")),
         str(row.get("backend")),
         str(row.get("mode")),
-        _level_key(row.get("level")),
+        levels.order_key(row.get("level")),
         str(row.get("variant")),
         _num(row.get("seed")),
     )
@@ -229,17 +229,6 @@ def _row_order(row: dict) -> tuple:
 
 def _num(value) -> tuple:
     return (0, float(value)) if isinstance(value, int | float) else (1, str(value))
-
-
-def _level_key(level) -> tuple:
-    """none first, then by target epsilon / sigma as numbers (eps2 before eps10)."""
-    text = str(level)
-    if text == "none":
-        return (0, 0.0, "")
-    match = re.match(r"^(eps|sigma)([0-9.]+)$", text)
-    if match:
-        return (1, float(match.group(2)), match.group(1))
-    return (2, 0.0, text)
 
 
 def _cell(value) -> str:

@@ -21,6 +21,7 @@ import numpy as np
 
 from dpscale import atomic
 from dpscale.backends.base import Adapter, StepConfig
+from dpscale.metrics.losses import per_example_loss
 from dpscale.models.resnet import ResNetSpec
 from dpscale.runner import feed, outputs, plan, schedule
 
@@ -219,13 +220,8 @@ def check_consistency(data: Data, privacy: dict) -> None:
 
 # -- pure helpers -----------------------------------------------------------------------------
 def cross_entropy(logits: np.ndarray, y: np.ndarray) -> float:
-    """Mean softmax cross-entropy (float64, stable)."""
-    if not len(y):
-        return math.nan
-    z = logits.astype(np.float64)
-    z = z - z.max(axis=1, keepdims=True)
-    logp = z - np.log(np.exp(z).sum(axis=1, keepdims=True))
-    return float(-logp[np.arange(len(y)), y].mean())
+    """Mean softmax cross-entropy: evaluate's function, so metrics.json and evaluation agree."""
+    return float(per_example_loss(logits, y).mean()) if len(y) else math.nan
 
 
 def accuracy(logits: np.ndarray, y: np.ndarray) -> float:

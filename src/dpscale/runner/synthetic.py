@@ -11,6 +11,8 @@ from pathlib import Path
 
 import numpy as np
 
+from dpscale import levels
+
 
 def write_inputs(
     root: Path,
@@ -71,7 +73,7 @@ def write_inputs(
     q = batch_size / n_train
     steps_per_epoch = round(1 / q)
     privacy = {
-        "level": "sigma1.0" if private else "none",
+        "level": levels.Level("sigma", noise_multiplier).name if private else "none",
         "private": private,
         "noise_multiplier": noise_multiplier if private else 0.0,
         "sample_rate": q,
