@@ -3,6 +3,8 @@ PYTHON ?= python3.11
 VENV := .venv
 BIN := $(VENV)/bin
 CORES ?= all
+# cpu or cuda: which requirement files `make envs` builds (workflow/envs/ or workflow/envs/cuda/)
+ACCELERATOR ?= cpu
 
 .PHONY: run test test-system envs lint format clean
 
@@ -24,7 +26,7 @@ test-system:
 
 # Per-backend venvs, built by the pipeline's own rule (the same one `make run` uses).
 envs: $(BIN)/.installed
-	$(BIN)/snakemake --cores $(CORES) envs
+	$(BIN)/snakemake --cores $(CORES) envs --config accelerator=$(ACCELERATOR)
 
 lint: $(BIN)/.installed
 	$(BIN)/ruff check .

@@ -225,6 +225,11 @@ def _check_semantics(config: dict[str, Any]) -> None:
     for name in config["backend_options"]:
         if name not in config["backends"]:
             _fail(f"backend_options.{name}", "options for a backend that is not in backends")
+    for name, env in config["envs"].items():
+        if name not in known:
+            _fail(f"envs.{name}", f"unknown backend {name!r}; expected one of {', '.join(known)}")
+        if not Path(env["python"]).is_absolute():
+            _fail(f"envs.{name}.python", f"{env['python']!r}; expected an absolute path")
     _check_transfer(config, known)
 
 

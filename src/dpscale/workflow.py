@@ -7,10 +7,12 @@ to the rule's log.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import subprocess
 import sys
+import threading
 from collections.abc import Mapping
 from pathlib import Path
 
@@ -51,17 +53,86 @@ def thread_env(threads: int) -> dict[str, str]:
     return env
 
 
-def run_step(module: str, log, python=sys.executable, threads: int = 1, **kwargs) -> None:
-    """Run a dpscale step with its output in `log`; on failure say which log to read."""
+class GpuSlots:
+    """The GPUs of a local workstation, one per running training job.
+
+    Snakemake's `gpu` resource (`--resources gpu=N`) bounds how many jobs hold one at a time;
+    this pool says which: local jobs run as threads of one Snakemake process, so a lock and a
+    free list suffice. The GPUs are those in CUDA_VISIBLE_DEVICES when Snakemake started, else
+    0..N-1. Inside a SLURM job the scheduler has already chosen (and set the variable).
+    """
+
+    def __init__(self, visible: str | None = None) -> None:
+        visible = os.environ.get("CUDA_VISIBLE_DEVICES") if visible is None else visible
+        self._given = [g.strip() for g in visible.split(",") if g.strip()] if visible else None
+        self._free: list[str] | None = None
+        self._cond = threading.Condition()
+
+    @contextlib.contextmanager
+    def hold(self, total: int):
+        """One GPU id for the block, out of `total` (the gpu resource's global amount)."""
+        with self._cond:
+            if self._free is None:
+                ids = self._given if self._given is not None else [str(i) for i in range(total)]
+                if len(ids) < total:
+                    raise StepFailed(
+                        f"--resources gpu={total} but CUDA_VISIBLE_DEVICES lists {len(ids)} "
+                        f"GPU(s) ({','.join(ids)}); expected at most {len(ids)}"
+                    )
+                self._free = ids[:total]
+            while not self._free:  # Snakemake's resource count makes this a short wait
+                self._cond.wait()
+            gpu = self._free.pop(0)
+        try:
+            yield gpu
+        finally:
+            with self._cond:
+                self._free.append(gpu)
+                self._cond.notify()
+
+
+GPUS = GpuSlots()
+
+
+def gpu_env(gpus: int, total: int):
+    """A context giving the step's environment its GPU: {} when it asks for none, no GPUs are
+    declared (`--resources gpu=N`) or SLURM chose; else CUDA_VISIBLE_DEVICES of one free GPU."""
+    if gpus < 1 or total < 1 or os.environ.get("SLURM_JOB_ID"):
+        return contextlib.nullcontext({})
+    if gpus > 1:
+        raise StepFailed(f"a step asks for {gpus} GPUs; local runs give each training job one")
+
+    @contextlib.contextmanager
+    def held():
+        with GPUS.hold(total) as gpu:
+            yield {"CUDA_VISIBLE_DEVICES": gpu}
+
+    return held()
+
+
+def run_step(
+    module: str,
+    log,
+    python=sys.executable,
+    threads: int = 1,
+    gpus: int = 0,
+    gpu_total: int | None = None,
+    **kwargs,
+) -> None:
+    """Run a dpscale step with its output in `log`; on failure say which log to read.
+
+    gpus: GPUs the step holds (a rule's `gpu` resource); on a workstation one of `gpu_total`
+    (`--resources gpu=N`) is chosen for it (gpu_env)."""
     log_path = Path(log if isinstance(log, str | os.PathLike) else log[0])
     log_path.parent.mkdir(parents=True, exist_ok=True)
     cmd = step_command(module, python, threads=threads, **kwargs)
-    with open(log_path, "w") as out:
+    with gpu_env(int(gpus or 0), int(gpu_total or 0)) as extra, open(log_path, "w") as out:
         out.write("+ " + " ".join(cmd) + "\n")
+        for key, value in extra.items():
+            out.write(f"+ {key}={value}\n")
         out.flush()
-        rc = subprocess.run(
-            cmd, stdout=out, stderr=subprocess.STDOUT, env=thread_env(threads)
-        ).returncode
+        env = {**thread_env(threads), **extra}
+        rc = subprocess.run(cmd, stdout=out, stderr=subprocess.STDOUT, env=env).returncode
     if rc != 0:
         tail = log_path.read_text().strip().splitlines()[-5:]
         raise StepFailed(

@@ -114,6 +114,32 @@ def test_runtime_bars_are_the_summary_numbers(demo, summary):
     )
     assert heights == sorted(round(v, 9) for v in ratios["ratio"])
     assert "DP / non-private step time" in _texts(fig)
+    assert "device: cpu" in _texts(fig)  # every run of the demo trained on this CPU
+    plt.close(fig)
+
+
+def test_runtimes_of_two_devices_are_never_in_one_panel(summary):
+    gpu = summary.assign(
+        device="cuda:NVIDIA H200",
+        seconds_per_epoch=summary["seconds_per_epoch"] / 10,
+        step_time_steady_s=summary["step_time_steady_s"] / 10,
+    )
+    both = pd.concat([summary, gpu], ignore_index=True)
+    splits = summary["split"].nunique()
+    fig = figures.seconds_per_epoch(both)
+    assert len(fig.axes) == 2 * splits  # a row of panels per device
+    texts = _texts(fig)
+    assert "devices: cpu, cuda:NVIDIA H200" in texts and "cuda:NVIDIA H200 | " in texts
+    plt.close(fig)
+    # A ratio pairs the private and non-private runs of one device only.
+    ratios = data.step_time_ratios(both)
+    single = len(data.step_time_ratios(summary))
+    assert ratios.groupby("device").size().to_dict() == {"cpu": single, "cuda:NVIDIA H200": single}
+    np.testing.assert_allclose(
+        sorted(ratios["ratio"]), sorted([*data.step_time_ratios(summary)["ratio"]] * 2)
+    )
+    fig = figures.step_time_ratio(ratios)
+    assert len(fig.axes) == 2 * splits
     plt.close(fig)
 
 

@@ -12,6 +12,7 @@ import fcntl
 import json
 import re
 import subprocess
+import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -19,6 +20,7 @@ from pathlib import Path
 import pytest
 
 from dpscale import backends, envs
+from tests.conftest import venv_python
 
 # A PEP 517/660 backend with no build requirements, so pip's isolated build installs nothing
 # (setuptools would have to come from an index). It writes a pure-Python wheel from src/, or an
@@ -148,11 +150,6 @@ def test_names_lists_envs_with_a_requirements_file_but_not_base_or_nodeps(tmp_pa
     assert envs.names(tmp_path) == ["jax", "tfprivacy"]
 
 
-def test_every_registered_backend_has_a_venv_to_train_in():
-    # The train rules run each backend in its venv (common.smk); `make envs` builds names().
-    assert set(backends.available()) <= set(envs.names())
-
-
 def test_a_second_builder_waits_for_the_first_then_finds_the_venv_ready(tmp_path):
     write_envs(tmp_path, {"demo": ""})
     prefix = envs.env_prefix("demo", tmp_path)
@@ -224,3 +221,80 @@ def test_a_failed_build_is_not_ready_and_names_the_command_and_its_log(tmp_path,
     assert (prefix / "bin" / "python").exists()  # the venv exists, half built...
     assert not (prefix / envs.READY).exists()  # ...and is not taken for a finished one
     assert "envtest-nowhere" in log.read_text()  # pip's own reason is in the log
+
+
+def test_each_accelerator_has_its_own_files_and_venvs_and_both_coexist(tmp_path):
+    folder = write_envs(tmp_path, {"demo": "jax==0.10.2\n"})
+    (folder / "cuda").mkdir()
+    (folder / "cuda" / "demo.txt").write_text("jax==0.10.2\n")  # the same text, another venv
+    cpu_prefix = envs.env_prefix("demo", tmp_path)
+    cuda_prefix = envs.env_prefix("demo", tmp_path, accelerator="cuda")
+    assert envs.requirement_files("demo", tmp_path, accelerator="cuda") == [
+        folder / "cuda" / "demo.txt"
+    ]
+    assert cpu_prefix.parent == tmp_path / envs.VENVS_DIR
+    assert cuda_prefix.parent == tmp_path / envs.VENVS_DIR / "cuda"
+    assert envs.python("demo", tmp_path, "cuda") == cuda_prefix / "bin" / "python"
+    # Editing the cuda file moves the cuda venv only.
+    (folder / "cuda" / "demo.txt").write_text("jax==0.10.2\nplugin==1\n")
+    assert envs.env_prefix("demo", tmp_path) == cpu_prefix
+    assert envs.env_prefix("demo", tmp_path, accelerator="cuda") != cuda_prefix
+    with pytest.raises(ValueError, match="accelerator 'rocm': expected one of cpu, cuda"):
+        envs.env_prefix("demo", tmp_path, accelerator="rocm")
+    with pytest.raises(FileNotFoundError, match="accelerator cuda"):
+        envs.requirement_files("other", tmp_path, accelerator="cuda")
+
+
+def test_the_hash_covers_included_files(tmp_path):
+    folder = write_envs(tmp_path, {"common": "numpy==2.0\n"})
+    (folder / "cuda").mkdir()
+    (folder / "cuda" / "demo.txt").write_text("-r ../common.txt\nplugin==1\n")
+    before = envs.env_prefix("demo", tmp_path, accelerator="cuda")
+    assert envs.included_files(folder / "cuda" / "demo.txt") == [
+        folder / "cuda" / "demo.txt",
+        (folder / "common.txt").resolve(),
+    ]
+    (folder / "common.txt").write_text("numpy==2.1\n")  # a pin bump in the included file
+    assert envs.env_prefix("demo", tmp_path, accelerator="cuda") != before
+    (folder / "cuda" / "loop.txt").write_text("--requirement=loop.txt\n")
+    with pytest.raises(ValueError, match="includes itself"):
+        envs.env_hash("loop", tmp_path, accelerator="cuda")
+    (folder / "cuda" / "gone.txt").write_text("-r missing.txt\n")
+    with pytest.raises(FileNotFoundError, match="missing.txt: no such requirements file"):
+        envs.env_hash("gone", tmp_path, accelerator="cuda")
+
+
+@pytest.mark.parametrize("accelerator", envs.ACCELERATORS)
+def test_every_backend_has_an_env_file_for_each_accelerator(accelerator):
+    # The train rules run each backend in its venv (common.smk); `make envs` builds names().
+    assert set(backends.available()) <= set(envs.names(accelerator=accelerator))
+    for name in envs.names(accelerator=accelerator):
+        for main in envs.requirement_files(name, accelerator=accelerator):
+            assert envs.included_files(main)  # every include resolves
+
+
+def test_a_site_interpreter_that_runs_the_backend_is_recorded(tmp_path):
+    # An existing venv's python stands in for a cluster's module or container.
+    python = venv_python("reference")
+    out = envs.site_check_file("reference", python, tmp_path)
+    assert out.parent == tmp_path / envs.VENVS_DIR / "site"
+    found = envs.check_site_python("reference", python, out)
+    record = json.loads(out.read_text())
+    assert record["interpreter"] == str(python) and record["python"] == found["python"]
+    assert Path(record["dpscale"]).is_relative_to(envs.PROJECT / "src")
+
+
+@pytest.mark.parametrize(
+    ("python", "says"),
+    [
+        (sys.executable, "install the backend's framework into it"),  # dpscale, no torch
+        (sys.base_prefix + "/bin/python3", "install dpscale into it"),  # neither
+        ("/nowhere/python", "does not exist"),
+    ],
+)
+def test_a_site_interpreter_that_cannot_run_the_backend_is_one_clear_line(tmp_path, python, says):
+    with pytest.raises(RuntimeError) as err:
+        envs.check_site_python("reference", python, tmp_path / "check.json")
+    message = str(err.value)
+    assert message.startswith(f"envs.reference.python: {python} ") and says in message
+    assert "\n" not in message and not (tmp_path / "check.json").exists()

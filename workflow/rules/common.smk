@@ -61,16 +61,32 @@ def privacy_plan(variant):
     }
 
 
+ACCELERATOR = config["accelerator"]  # cpu or cuda: which venvs (workflow/envs[/cuda]/)
+SITE_PYTHONS = {name: env["python"] for name, env in config["envs"].items()}
+
+
 def env_ready(backend):
-    return str(dp_envs.env_prefix(backend) / dp_envs.READY)
+    """The venv's ready marker, or the check that the site's interpreter can run the backend."""
+    if backend in SITE_PYTHONS:
+        return str(dp_envs.site_check_file(backend, SITE_PYTHONS[backend]))
+    return str(dp_envs.env_prefix(backend, accelerator=ACCELERATOR) / dp_envs.READY)
 
 
 def all_envs():
-    return [env_ready(name) for name in dp_envs.names()]
+    names = set(dp_envs.names(accelerator=ACCELERATOR)) | set(SITE_PYTHONS)
+    return [env_ready(name) for name in sorted(names)]
 
 
 def env_python(backend):
-    return str(dp_envs.env_prefix(backend) / "bin/python")
+    if backend in SITE_PYTHONS:
+        return SITE_PYTHONS[backend]
+    return str(dp_envs.python(backend, accelerator=ACCELERATOR))
+
+
+def train_gpus(w):
+    """One GPU for a run that requires one (training.device gpu); the SLURM profile gives every
+    training job one anyway."""
+    return int(VARIANTS[w.variant]["training"]["device"] == "gpu")
 
 
 def run_dir(split, backend, level, variant, seed):

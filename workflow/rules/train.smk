@@ -21,6 +21,7 @@ rule train:
     threads: 1
     resources:
         runtime=train_runtime,
+        gpu=train_gpus,
     params:
         python=lambda w: env_python(w.backend),
         checkpoint=checkpoint_dir,
@@ -30,6 +31,8 @@ rule train:
             log,
             params.python,
             threads,
+            gpus=resources.gpu,  # on a workstation, one of its GPUs (`--resources gpu=N`)
+            gpu_total=workflow.global_resources.get("gpu"),
             **train_args(wildcards, input, output, params),
         )
 

@@ -15,6 +15,8 @@ from dpscale.backends._xla_cache import cache_dir
 # XLA's CPU client has no "use N threads" option: the pool is sized by the CPUs the process may
 # run on (a SLURM cgroup or taskset bounds it). One thread can be forced with these two flags.
 SINGLE_THREAD_FLAGS = ("--xla_cpu_multi_thread_eigen=false", "intra_op_parallelism_threads=1")
+# XLA's GPU determinism (jaxlib 0.5.3 and 0.10.2 both know it; ignored on a CPU).
+DETERMINISTIC_FLAG = "--xla_gpu_deterministic_ops=true"
 
 
 def xla_flags(threads: int, current: str = "") -> str:
@@ -74,18 +76,56 @@ def predict_padded(logits_of, x: np.ndarray, eval_rows: int, num_classes: int) -
     return np.concatenate(out).astype(np.float32)
 
 
-def device_name(jax_module) -> str:
-    d = jax_module.devices()[0]
-    return f"{d.platform}:{d.device_kind}"
+def device_name(device) -> str:
+    """A jax Device as base.Adapter.device() names it: "cpu" or "cuda:NVIDIA H200"."""
+    return f"cuda:{device.device_kind}" if device.platform in ("gpu", "cuda") else "cpu"
 
 
-def peak_memory_bytes(jax_module) -> int | None:
-    """Peak device memory in bytes; None where the device does not track it (CPU)."""
-    try:
-        stats = jax_module.devices()[0].memory_stats()  # None on CPU
-    except (AttributeError, NotImplementedError, RuntimeError):
-        return None
-    return int(stats["peak_bytes_in_use"]) if stats and "peak_bytes_in_use" in stats else None
+class JaxDevice:
+    """base.Adapter's device hooks for an adapter on JAX (whichever release its venv has;
+    imported lazily, so this module stays framework-free). The adapter says, by
+    `_device_state()`, what its last update wrote."""
+
+    framework = "JAX"
+
+    def _configure(self, runtime) -> None:
+        # Read when XLA's client starts, i.e. before the first computation of the process.
+        configure_threads(self.threads)
+        os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")  # share the GPU
+        if runtime.deterministic:
+            flags = os.environ.get("XLA_FLAGS", "").split()
+            if DETERMINISTIC_FLAG not in flags:
+                os.environ["XLA_FLAGS"] = " ".join([*flags, DETERMINISTIC_FLAG])
+        import jax
+
+        # JAX's GPU default for float32 matmuls and convolutions is TF32: say it either way.
+        precision = "tensorfloat32" if runtime.precision == "tf32" else "float32"
+        jax.config.update("jax_default_matmul_precision", precision)
+
+    def _visible_devices(self) -> list[str]:
+        import jax
+
+        return [device_name(d) for d in jax.devices()]
+
+    def device(self) -> str:
+        import jax
+
+        return device_name(jax.devices()[0])
+
+    def synchronize(self) -> None:
+        import jax
+
+        jax.block_until_ready(self._device_state())
+
+    def peak_memory_bytes(self) -> int | None:
+        """Peak device memory in bytes; None where the device does not track it (CPU)."""
+        import jax
+
+        try:
+            stats = jax.devices()[0].memory_stats()  # None on CPU
+        except (AttributeError, NotImplementedError, RuntimeError):
+            return None
+        return int(stats["peak_bytes_in_use"]) if stats and "peak_bytes_in_use" in stats else None
 
 
 # -- convolution as patches x kernel ---------------------------------------------------------

@@ -7,12 +7,14 @@ No in-place ops: Opacus' backward hooks and torch.func's vmap both dislike them.
 
 from __future__ import annotations
 
+import os
+
 import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from dpscale.backends.base import Batch, check_weights
+from dpscale.backends.base import Batch, Runtime, check_weights
 from dpscale.models.resnet import GN_EPS, ResNetSpec, blocks, param_shapes
 
 
@@ -77,19 +79,6 @@ class ResNet18(nn.Module):
         x = self.maxpool(F.relu(self.gn1(self.conv1(x))))
         x = self.layer4(self.layer3(self.layer2(self.layer1(x))))
         return self.fc(torch.flatten(F.adaptive_avg_pool2d(x, 1), 1))
-
-
-def pick_device(options: dict) -> torch.device:
-    """`options["device"]`: "auto" (cuda if present), "cpu", "cuda", "cuda:1", ..."""
-    name = options.get("device", "auto")
-    if name == "auto":
-        name = "cuda" if torch.cuda.is_available() else "cpu"
-    try:
-        return torch.device(name)
-    except RuntimeError as err:
-        raise ValueError(
-            f"backend option device={name!r} is invalid; expected auto, cpu or cuda[:i]"
-        ) from err
 
 
 def set_threads(threads: int) -> None:
@@ -170,11 +159,56 @@ def peak_memory_bytes(device: torch.device) -> int | None:
     return None
 
 
+def device_name(device: torch.device) -> str:
+    return f"cuda:{torch.cuda.get_device_name(device)}" if device.type == "cuda" else "cpu"
+
+
 class TorchModel:
-    """The model half of the Adapter contract for a torch adapter holding `model` on `_device`."""
+    """The model and device halves of the Adapter contract for a torch adapter holding `model`
+    on `_device` (which `pick_device` chooses)."""
 
     model: nn.Module
     _device: torch.device
+    framework = "PyTorch"
+
+    @property
+    def gpu_fix(self) -> str:
+        if torch.version.cuda is None:
+            return (
+                f"torch {torch.__version__} is a CPU build; build the cuda env (accelerator: cuda)"
+            )
+        return (
+            f"torch {torch.__version__} is built for CUDA {torch.version.cuda}: check the node's "
+            "driver (nvidia-smi; CUDA 13 needs R580 or newer, else pin torch 2.10.0, CUDA 12)"
+        )
+
+    def pick_device(self) -> torch.device:
+        return torch.device("cuda" if self.use_gpu() else "cpu")
+
+    def _configure(self, runtime: Runtime) -> None:
+        # torch defaults differ by op (TF32 convolutions on, matmuls off): one policy for both.
+        tf32 = runtime.precision == "tf32"
+        torch.backends.cuda.matmul.allow_tf32 = tf32
+        torch.backends.cudnn.allow_tf32 = tf32
+        if runtime.deterministic:
+            os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")  # cuBLAS' requirement
+            torch.use_deterministic_algorithms(True)
+            torch.backends.cudnn.benchmark = False
+
+    def _visible_devices(self) -> list[str]:
+        if not torch.cuda.is_available():
+            return ["cpu"]
+        return [device_name(torch.device("cuda", i)) for i in range(torch.cuda.device_count())]
+
+    def synchronize(self) -> None:
+        if self._device.type == "cuda":
+            torch.cuda.synchronize(self._device)
+
+    def device(self) -> str:
+        return device_name(self._device)
+
+    def peak_memory_bytes(self) -> int | None:
+        return peak_memory_bytes(self._device)
 
     def num_params(self) -> int:
         return sum(p.numel() for p in self.model.parameters())

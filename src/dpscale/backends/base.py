@@ -31,6 +31,13 @@ Hooks (a framework's work only):
 - `_clipped_grad_sum(batch, clip_norm)`: the clipped sum with the DP step's own machinery;
 - `_momentum()` / `_set_momentum(m)`, `_noise_state()` / `_set_noise_state(s)`: what a
   checkpoint holds beside the weights.
+
+The device policy (`Runtime`: training.device, precision, deterministic) is applied here too:
+`_configure(runtime)` sets the framework's precision, determinism and memory flags before the
+model is built, `_visible_devices()` says what the framework sees (so that `device: gpu` fails
+at construction, in one line, instead of training on the CPU), `synchronize()` waits for the
+device's queued work (step timers call it), `device()` names the device as "cpu" or
+"cuda:<model>" in every backend.
 """
 
 from __future__ import annotations
@@ -79,6 +86,45 @@ class StepConfig:
             raise ValueError(f"noise_multiplier={self.noise_multiplier}; expected >= 0")
 
 
+DEVICES = ("auto", "cpu", "gpu")
+PRECISIONS = ("fp32", "tf32")
+
+
+class DeviceError(RuntimeError):
+    """The requested device is not what the framework sees."""
+
+
+@dataclass(frozen=True)
+class Runtime:
+    """How a run uses its device (config training.device, .precision, .deterministic).
+
+    device: auto (a GPU if the framework sees one), cpu, or gpu (required: an error otherwise).
+    precision: fp32 (TF32 off everywhere, as frameworks default differently) or tf32 (float32
+    matmuls and convolutions in TF32 on Ampere and later GPUs; no effect on a CPU).
+    deterministic: the framework's determinism flags (slower; GPU reductions in fixed order).
+    """
+
+    device: str = "auto"
+    precision: str = "fp32"
+    deterministic: bool = False
+
+    def __post_init__(self) -> None:
+        if self.device not in DEVICES:
+            raise ValueError(f"device {self.device!r}; expected one of {', '.join(DEVICES)}")
+        if self.precision not in PRECISIONS:
+            raise ValueError(
+                f"precision {self.precision!r}; expected one of {', '.join(PRECISIONS)}"
+            )
+
+
+DEFAULT_RUNTIME = Runtime()
+
+
+def is_gpu(device: str) -> bool:
+    """'cuda:NVIDIA H200' -> True, 'cpu' -> False: the kind in an adapter's device() name."""
+    return device.split(":", 1)[0] == "cuda"
+
+
 def check_weights(weights: dict[str, np.ndarray], shapes: dict[str, tuple]) -> None:
     """One-line error unless `weights` has exactly the canonical names and shapes."""
     missing = [n for n in shapes if n not in weights]
@@ -100,13 +146,26 @@ class Adapter(abc.ABC):
     mode: str = ""
     #: the backend options the adapter reads: name -> what it sets (its docs say more)
     OPTIONS: dict[str, str] = {}
+    #: the framework's name in messages ("JAX sees only [cpu]")
+    framework: str = ""
+    #: how to get a GPU when the framework sees none
+    gpu_fix: str = "build the cuda env (accelerator: cuda)"
 
-    def __init__(self, spec: ResNetSpec, options: dict, seed: int, threads: int) -> None:
-        """Build the model initialized from `dpscale.models.resnet.init_weights(spec, seed)`."""
+    def __init__(
+        self,
+        spec: ResNetSpec,
+        options: dict,
+        seed: int,
+        threads: int,
+        runtime: Runtime = DEFAULT_RUNTIME,
+    ) -> None:
+        """Check the options and the device, set the framework's flags, then `_build()` the
+        model initialized from `dpscale.models.resnet.init_weights(spec, seed)`."""
         self.spec = spec
         self.options = dict(options)
         self.seed = seed
         self.threads = threads
+        self.runtime = runtime
         self._step: StepConfig | None = None
         unknown = sorted(set(self.options) - set(self.OPTIONS))
         if unknown:
@@ -114,6 +173,26 @@ class Adapter(abc.ABC):
                 f"unknown {self.backend} backend option(s) {unknown}; "
                 f"expected one of {sorted(self.OPTIONS)}"
             )
+        self._configure(runtime)
+        if runtime.device == "gpu":
+            seen = self._visible_devices()
+            if not any(is_gpu(d) for d in seen):
+                raise DeviceError(
+                    f"backend {self.backend}: device gpu requested, {self.framework} sees only "
+                    f"[{', '.join(seen)}]; {self.gpu_fix}"
+                )
+        self._build()
+
+    @abc.abstractmethod
+    def _build(self) -> None:
+        """The framework's model, optimizer machinery and noise generator (self.spec, .options,
+        .seed, .threads, .runtime are set)."""
+
+    def use_gpu(self) -> bool:
+        """Whether to build the model on a GPU: asked for, or auto and one is there."""
+        return self.runtime.device == "gpu" or (
+            self.runtime.device == "auto" and any(is_gpu(d) for d in self._visible_devices())
+        )
 
     @property
     def backend(self) -> str:
@@ -261,7 +340,22 @@ class Adapter(abc.ABC):
         """The framework's own privacy statement, recorded beside the central accountant's."""
         return None
 
+    # -- the device (hooks; defaults for a CPU-only framework) ------------------------------
+    def _configure(self, runtime: Runtime) -> None:
+        """The framework's precision, determinism and memory flags, before the model is built."""
+        return None
+
+    def _visible_devices(self) -> list[str]:
+        """What the framework sees, as device() names them: ["cpu"], ["cuda:NVIDIA H200", ...]."""
+        return ["cpu"]
+
+    def synchronize(self) -> None:
+        """Return when the device has finished the work queued so far (the last update
+        included), so that a timer stopped after it measures the whole step."""
+        return None
+
     def device(self) -> str:
+        """The device this adapter computes on: "cpu" or "cuda:<model name>"."""
         return "cpu"
 
     def peak_memory_bytes(self) -> int | None:

@@ -191,7 +191,7 @@ def _update(tx, noise, params, opt_state, gsum, key, std, divisor, lr, momentum)
     return optax.apply_updates(params, updates), opt_state, key
 
 
-class Adapter(BaseAdapter):
+class Adapter(jc.JaxDevice, BaseAdapter):
     mode = "jax-vmap"
     #: the DP machinery, jitted pure functions: (params, x, y, mask, clip_norm, spec, impl) ->
     #: (clipped sum, loss sum), and (gsum, key, std) -> (gsum + noise, next key)
@@ -203,9 +203,8 @@ class Adapter(BaseAdapter):
         "conv": "auto, xla or patches",
     }
 
-    def __init__(self, spec: ResNetSpec, options: dict, seed: int, threads: int) -> None:
-        super().__init__(spec, options, seed, threads)
-        self._threads_applied = jc.configure_threads(threads)  # before any computation
+    def _build(self) -> None:
+        spec, seed = self.spec, self.seed
         self._cache_dir = jc.compilation_cache_dir(self.options.get("compilation_cache", True))
         jc.enable_compilation_cache(jax, self._cache_dir)
         self._eval_rows = int(self.options.get("eval_batch_size", 128))
@@ -306,11 +305,8 @@ class Adapter(BaseAdapter):
         self._key = jax.random.wrap_key_data(jnp.asarray(state))
 
     # -- reporting --------------------------------------------------------------------------
-    def device(self) -> str:
-        return jc.device_name(jax)
-
-    def peak_memory_bytes(self) -> int | None:
-        return jc.peak_memory_bytes(jax)
+    def _device_state(self):
+        return (self.params, self._opt_state)
 
     def versions(self) -> dict[str, str]:
         import jaxlib

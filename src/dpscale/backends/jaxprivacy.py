@@ -56,8 +56,8 @@ class Adapter(jax_backend.Adapter):
     dp_chunk = staticmethod(dp_chunk)
     add_noise = staticmethod(privatize)
 
-    def __init__(self, spec, options: dict, seed: int, threads: int) -> None:
-        super().__init__(spec, options, seed, threads)
+    def _build(self) -> None:
+        super()._build()
         self.mode = "jaxprivacy-clipped-grad" + ("" if self._conv_dp == "patches" else "-xlaconv")
 
     def backend_epsilon(self, sample_rate: float, steps: int, delta: float) -> dict | None:

@@ -165,7 +165,8 @@ class ResNet18(objax.Module):
         return self.fc(x.mean((2, 3)))
 
 
-class Adapter(BaseAdapter):
+class Adapter(jc.JaxDevice, BaseAdapter):
+    framework = f"JAX {jax.__version__} (Objax)"
     mode = "objax-pgv"
     OPTIONS = {
         "use_norm_accumulation": "PGV's two-pass mode",
@@ -174,9 +175,8 @@ class Adapter(BaseAdapter):
         "conv": "xla, auto or patches",
     }
 
-    def __init__(self, spec: ResNetSpec, options: dict, seed: int, threads: int) -> None:
-        super().__init__(spec, options, seed, threads)
-        self._threads_applied = jc.configure_threads(threads)  # before any computation
+    def _build(self) -> None:
+        spec, seed = self.spec, self.seed
         self._cache_dir = jc.compilation_cache_dir(self.options.get("compilation_cache", True))
         jc.enable_compilation_cache(jax, self._cache_dir)
         self._norm_acc = bool(self.options.get("use_norm_accumulation", False))
@@ -367,11 +367,8 @@ class Adapter(BaseAdapter):
             "steps": int(steps),
         }
 
-    def device(self) -> str:
-        return jc.device_name(jax)
-
-    def peak_memory_bytes(self) -> int | None:
-        return jc.peak_memory_bytes(jax)
+    def _device_state(self):
+        return [v.value for v in self.model_vars.values()]
 
     def versions(self) -> dict[str, str]:
         import jaxlib

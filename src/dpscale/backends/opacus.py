@@ -13,7 +13,7 @@ per-sample norms, then a second backward of the coefficient-weighted loss; Opacu
 norm samplers only for Linear and Embedding, so the convs and GroupNorms of this ResNet still
 materialize per-sample gradients for their norms); `fast_samplers` (default true: _opacus_fast's
 grouped-convolution Conv2d sampler and copy-free storage, same numbers; false: stock Opacus);
-`device` ("auto", "cpu", "cuda").
+the device comes from training.device (base.Runtime).
 Non-private: plain torch SGD on the same model, hooks off.
 """
 
@@ -35,7 +35,7 @@ from dpscale.backends import _opacus_fast
 from dpscale.backends import _torch_resnet as tr
 from dpscale.backends.base import Adapter as BaseAdapter
 from dpscale.backends.base import Batch, StepConfig
-from dpscale.models.resnet import ResNetSpec, init_weights
+from dpscale.models.resnet import init_weights
 
 MODES = ("hooks", "functorch", "ghost")
 
@@ -49,11 +49,10 @@ class Adapter(tr.TorchModel, BaseAdapter):
     OPTIONS = {
         "grad_sample_mode": "hooks, functorch or ghost",
         "fast_samplers": "dpscale's faster Conv2d sampler and storage (same numbers)",
-        "device": "auto, cpu or cuda[:i]",
     }
 
-    def __init__(self, spec: ResNetSpec, options: dict, seed: int, threads: int) -> None:
-        super().__init__(spec, options, seed, threads)
+    def _build(self) -> None:
+        spec, seed, threads = self.spec, self.seed, self.threads
         self.grad_sample_mode = self.options.get("grad_sample_mode", "hooks")
         if self.grad_sample_mode not in MODES:
             raise ValueError(
@@ -66,7 +65,7 @@ class Adapter(tr.TorchModel, BaseAdapter):
         _opacus_fast.install(fast)
         self.mode = f"opacus-{self.grad_sample_mode}" + ("" if fast else "-stock")
         tr.set_threads(threads)
-        self._device = tr.pick_device(self.options)
+        self._device = self.pick_device()
         self.model = tr.ResNet18(spec).to(self._device)
         tr.load_canonical(self.model, init_weights(spec, seed))
         self._gen = torch.Generator(device=self._device)
@@ -245,12 +244,6 @@ class Adapter(tr.TorchModel, BaseAdapter):
             "sample_rate": float(sample_rate),
             "steps": int(steps),
         }
-
-    def device(self) -> str:
-        return str(self._device)
-
-    def peak_memory_bytes(self) -> int | None:
-        return tr.peak_memory_bytes(self._device)
 
     def versions(self) -> dict[str, str]:
         return {**tr.versions(), "opacus": opacus_version}

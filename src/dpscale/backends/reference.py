@@ -6,8 +6,9 @@ does), summed over the real rows of every chunk, plus one Gaussian draw N(0, sig
 parameter, divided by the expected batch size B. Non-private: mean gradient over real rows.
 Then SGD with heavy-ball momentum, v = mu*v + g, w = w - lr*v.
 
-Options: `device` ("auto", "cpu", "cuda"), `vmap_chunk` (max examples per vmap call; bounds the
-memory of per-example gradients, which is examples x parameters floats; default: whole chunk).
+Options: `vmap_chunk` (max examples per vmap call; bounds the memory of per-example gradients,
+which is examples x parameters floats; default: whole chunk). The device comes from
+training.device (base.Runtime).
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ from torch.func import functional_call, grad, grad_and_value, vmap
 from dpscale.backends import _torch_resnet as tr
 from dpscale.backends.base import Adapter as BaseAdapter
 from dpscale.backends.base import Batch, StepConfig
-from dpscale.models.resnet import ResNetSpec, init_weights
+from dpscale.models.resnet import init_weights
 
 CLIP_EPS = 1e-6
 
@@ -39,14 +40,13 @@ def per_example_norms(grads: dict[str, torch.Tensor]) -> torch.Tensor:
 class Adapter(tr.TorchModel, BaseAdapter):
     mode = "reference-torch.func"
     OPTIONS = {
-        "device": "auto, cpu or cuda[:i]",
         "vmap_chunk": "max examples per vmap call (bounds per-example gradient memory)",
     }
 
-    def __init__(self, spec: ResNetSpec, options: dict, seed: int, threads: int) -> None:
-        super().__init__(spec, options, seed, threads)
+    def _build(self) -> None:
+        spec, seed, threads = self.spec, self.seed, self.threads
         tr.set_threads(threads)
-        self._device = tr.pick_device(self.options)
+        self._device = self.pick_device()
         self._vmap_chunk = self.options.get("vmap_chunk")
         if self._vmap_chunk is not None and int(self._vmap_chunk) < 1:
             raise ValueError(f"reference option vmap_chunk={self._vmap_chunk}; expected >= 1")
@@ -142,11 +142,5 @@ class Adapter(tr.TorchModel, BaseAdapter):
         self._gen.set_state(torch.from_numpy(np.asarray(state, np.uint8)))
 
     # -- reporting --------------------------------------------------------------------------
-    def device(self) -> str:
-        return str(self._device)
-
-    def peak_memory_bytes(self) -> int | None:
-        return tr.peak_memory_bytes(self._device)
-
     def versions(self) -> dict[str, str]:
         return tr.versions()

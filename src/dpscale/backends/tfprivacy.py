@@ -59,7 +59,12 @@ from tensorflow_privacy.privacy.keras_models.dp_keras_model import DPModel  # no
 from dpscale.backends import _keras_resnet as kr  # noqa: E402
 from dpscale.backends._xla_cache import cache_dir  # noqa: E402
 from dpscale.backends.base import Adapter as BaseAdapter  # noqa: E402
-from dpscale.backends.base import Batch, StepConfig, check_weights  # noqa: E402
+from dpscale.backends.base import (  # noqa: E402
+    Batch,
+    Runtime,
+    StepConfig,
+    check_weights,
+)
 from dpscale.models.resnet import ResNetSpec, init_weights, param_shapes  # noqa: E402
 
 MODES = ("ghost", "vmap")
@@ -78,6 +83,11 @@ def enable_compilation_cache(path: str | None) -> None:
     flags = [f for f in os.environ.get("TF_XLA_FLAGS", "").split() if "persistent_cache" not in f]
     flags.append(f"--tf_xla_persistent_cache_directory={path}")
     os.environ["TF_XLA_FLAGS"] = " ".join(flags)
+
+
+def _gpu_name(gpu) -> str:
+    details = tf.config.experimental.get_device_details(gpu)
+    return f"cuda:{details.get('device_name', gpu.name)}"
 
 
 def set_threads(threads: int) -> None:
@@ -360,6 +370,7 @@ _ENGINES: dict[tuple, _Engine] = {}
 
 
 class Adapter(BaseAdapter):
+    framework = "TensorFlow"
     mode = MODE_LABELS[DEFAULT_MODE] + "-xla"
     OPTIONS = {
         "mode": "ghost (TF Privacy's fast clipping) or vmap (DPModel's per-example path)",
@@ -368,8 +379,8 @@ class Adapter(BaseAdapter):
         "compilation_cache": "XLA's persistent cache: true, false or a folder",
     }
 
-    def __init__(self, spec: ResNetSpec, options: dict, seed: int, threads: int) -> None:
-        super().__init__(spec, options, seed, threads)
+    def _build(self) -> None:
+        spec, seed, threads = self.spec, self.seed, self.threads
         mode = self.options.get("mode", DEFAULT_MODE)
         if mode not in MODES:
             raise ValueError(f"tfprivacy option mode={mode!r}; expected one of {', '.join(MODES)}")
@@ -522,9 +533,31 @@ class Adapter(BaseAdapter):
             "noise_multiplier": sigma,
         }
 
+    # -- the device: flags before TF's context starts ----------------------------------------
+    def _configure(self, runtime: Runtime) -> None:
+        try:
+            for gpu in tf.config.list_physical_devices("GPU"):
+                # TF takes the whole GPU otherwise: other jobs on it fail or slow down.
+                tf.config.experimental.set_memory_growth(gpu, True)
+        except RuntimeError:
+            pass  # context already started (a second adapter in the process): keep its setting
+        # TF's default on Ampere and later is TF32 for float32 matmuls and convolutions.
+        tf.config.experimental.enable_tensor_float_32_execution(runtime.precision == "tf32")
+        if runtime.deterministic:
+            tf.config.experimental.enable_op_determinism()
+
+    def _visible_devices(self) -> list[str]:
+        gpus = tf.config.list_physical_devices("GPU")
+        return [_gpu_name(g) for g in gpus] or ["cpu"]
+
+    def synchronize(self) -> None:
+        # Ops on a device run in order: reading a variable the update wrote waits for all of it.
+        self._eng.vel[-1].numpy()
+
     def device(self) -> str:
-        gpus = tf.config.list_logical_devices("GPU")
-        return gpus[0].name if gpus else "cpu"
+        if not tf.config.list_logical_devices("GPU"):
+            return "cpu"
+        return _gpu_name(tf.config.list_physical_devices("GPU")[0])
 
     def peak_memory_bytes(self) -> int | None:
         if not tf.config.list_logical_devices("GPU"):

@@ -279,7 +279,9 @@ def step_time_ratios(summary: pd.DataFrame) -> pd.DataFrame:
     missing = sorted(need - set(summary.columns))
     if missing:
         raise PlotDataError(f"summary: missing columns {missing}")
-    keys = ["split", "backend", "mode", "seed"] + (["variant"] if "variant" in summary else [])
+    # A ratio of two devices' step times would measure the devices, not the DP step.
+    extra = [k for k in ("variant", "device") if k in summary]
+    keys = ["split", "backend", "mode", "seed", *extra]
     base = summary.loc[summary["level"] == "none", [*keys, "step_time_steady_s"]]
     private = summary[summary["level"] != "none"]
     ratio = private.merge(base, on=keys, suffixes=("", "_nonprivate")).copy()  # one block

@@ -221,12 +221,35 @@ def training_curves(history: pd.DataFrame) -> plt.Figure:
     return grid.figure
 
 
+def _by_device(table: pd.DataFrame) -> tuple[pd.DataFrame, dict, str]:
+    """Runtimes are only comparable on one device: a row of panels per device when runs used
+    several, and a title naming the device(s) in any case."""
+    device = table["device"].fillna("unknown device") if "device" in table else None
+    if device is None:
+        return table, {}, "device not recorded"
+    table = table.assign(device=device)
+    names = sorted(table["device"].unique())
+    if len(names) == 1:
+        return table, {}, f"device: {names[0]}"
+    return (
+        table,
+        {"row": "device", "row_order": names},
+        ("devices: " + ", ".join(names) + " (one row each: never compared across devices)"),
+    )
+
+
+def _runtime_titles(grid, title: str, facets: dict) -> None:
+    grid.set_titles("{row_name} | {col_name}" if facets else "{col_name}")
+    grid.figure.suptitle(title, y=1.03, fontsize="small")
+
+
 def seconds_per_epoch(summary: pd.DataFrame) -> plt.Figure:
     """Training wall time per epoch (steady state) per backend, bars by privacy level."""
     _require(summary, ["split", "backend", "level", "seconds_per_epoch"], "summary")
     table = _with_backend_labels(summary).copy()  # one block: the columns below are added
     # A level, not a realised epsilon: splits differ in epsilon for one target.
     table["privacy"], order = _level_labels(table)
+    table, facets, title = _by_device(table)
     grid = sns.catplot(
         data=table,
         x="backend",
@@ -234,12 +257,13 @@ def seconds_per_epoch(summary: pd.DataFrame) -> plt.Figure:
         hue="privacy",
         hue_order=order,
         col="split",
+        **facets,
         kind="bar",
         errorbar="sd",
         height=3.0,
         aspect=1.2,
     )
-    grid.set_titles("{col_name}")
+    _runtime_titles(grid, title, facets)
     grid.set_axis_labels("backend", "seconds per epoch")
     grid.legend.set_title("privacy level")
     return grid.figure
@@ -250,6 +274,7 @@ def step_time_ratio(ratios: pd.DataFrame) -> plt.Figure:
     _require(ratios, ["split", "backend", "level", "ratio"], "step-time ratios")
     table = _with_backend_labels(ratios)
     table["level"], order = _level_labels(table)
+    table, facets, title = _by_device(table)
     grid = sns.catplot(
         data=table,
         x="backend",
@@ -257,6 +282,7 @@ def step_time_ratio(ratios: pd.DataFrame) -> plt.Figure:
         hue="level",
         hue_order=order,
         col="split",
+        **facets,
         kind="bar",
         errorbar="sd",
         height=3.0,
@@ -266,7 +292,7 @@ def step_time_ratio(ratios: pd.DataFrame) -> plt.Figure:
         ax.axhline(1.0, color="black", linewidth=0.8)
         for container in ax.containers:
             ax.bar_label(container, fmt="%.2f×", fontsize="x-small")
-    grid.set_titles("{col_name}")
+    _runtime_titles(grid, title, facets)
     grid.set_axis_labels("backend", "DP / non-private step time")
     grid.legend.set_title("privacy level")
     return grid.figure

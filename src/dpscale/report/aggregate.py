@@ -60,6 +60,8 @@ COLUMNS = (
     "step_time_steady_s",
     "step_time_first_s",
     "examples_per_s",
+    "device",  # "cpu" or "cuda:<model>": runtimes compare only within one
+    "precision",
     "eps_rdp",
     "eps_pld",
     "backend_epsilon",

@@ -8,6 +8,7 @@ import os
 import sys
 from pathlib import Path
 
+from dpscale.backends.base import DeviceError, Runtime
 from dpscale.runner import transfer
 from dpscale.runner.loop import (
     Run,
@@ -53,6 +54,23 @@ def parser() -> argparse.ArgumentParser:
     return p
 
 
+def device_runtime(training: dict) -> Runtime:
+    """The run's device policy. `cpu` hides the GPUs from every framework before it is
+    imported (CUDA_VISIBLE_DEVICES; JAX_PLATFORMS also spares jax its GPU probe)."""
+    try:
+        runtime = Runtime(
+            device=training["device"],
+            precision=training["precision"],
+            deterministic=bool(training["deterministic"]),
+        )
+    except ValueError as err:
+        raise RunnerError(f"training.{err}") from err
+    if runtime.device == "cpu":
+        os.environ["CUDA_VISIBLE_DEVICES"] = ""
+        os.environ["JAX_PLATFORMS"] = "cpu"
+    return runtime
+
+
 def main(argv=None) -> None:
     args = parser().parse_args(argv)
     try:
@@ -61,6 +79,7 @@ def main(argv=None) -> None:
         training = training_config(args.training)
         spec = model_spec(args.model, data.num_classes, data.image_size)
         check_consistency(data, privacy)
+        runtime = device_runtime(training)
         from dpscale import backends
 
         try:
@@ -74,9 +93,12 @@ def main(argv=None) -> None:
             ) from err
         log(f"building {args.backend} adapter: {spec}, options {args.options}, seed {args.seed}")
         try:
-            adapter = adapter_class(spec, args.options, args.seed, args.threads)
+            adapter = adapter_class(spec, args.options, args.seed, args.threads, runtime)
         except ValueError as err:  # adapters reject bad options with ValueError
             raise RunnerError(f"backend {args.backend!r}: {err}") from err
+        except DeviceError as err:  # names the backend, what it sees and the fix
+            raise RunnerError(str(err)) from err
+        log(f"device {adapter.device()}, precision {runtime.precision}")
         try:
             transferred = transfer.start_from(
                 adapter, args.backend, spec, args.init, int(training["frozen_groups"])

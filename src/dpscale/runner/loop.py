@@ -42,6 +42,10 @@ TRAINING_DEFAULTS = {
     "augment": False,
     "eval_every": 1,
     "frozen_groups": 0,
+    # The device policy (backends.base.Runtime): auto | cpu | gpu, fp32 | tf32, determinism.
+    "device": "auto",
+    "precision": "fp32",
+    "deterministic": False,
 }
 PRIVACY_REQUIRED = ("private", "sample_rate", "steps", "noise_multiplier", "expected_batch_size")
 
@@ -241,6 +245,15 @@ def predict(adapter: Adapter, data: Data, rows: np.ndarray, size: int) -> np.nda
     return np.concatenate(out)
 
 
+def timed_step(adapter: Adapter, chunks: list, lr: float) -> tuple[float, float]:
+    """(loss, seconds) of one logical step, the device's queued work included: on a GPU,
+    train_step returns while the update still runs, and only synchronize() waits for it."""
+    t0 = time.perf_counter()
+    loss = adapter.train_step(chunks, lr)
+    adapter.synchronize()
+    return float(loss), time.perf_counter() - t0
+
+
 # -- the run ----------------------------------------------------------------------------------
 @dataclass
 class Run:
@@ -427,9 +440,7 @@ class Run:
                     feed.make_batch(data.images, data.labels, rows[pos], mask, aug)
                     for pos, mask in plan.chunk_indices(positions, self.physical)
                 ]
-                t0 = time.perf_counter()
-                loss = float(a.train_step(chunks, lr))
-                dt = time.perf_counter() - t0
+                loss, dt = timed_step(a, chunks, lr)
                 if b and not math.isfinite(loss):
                     raise NonFiniteLoss(
                         f"loss is {loss} at step {step + 1} (epoch {epoch}, batch of {b}, "
@@ -576,6 +587,8 @@ class Run:
             "peak_rss_mb": max(timing["peak_rss_mb"], peak_rss_mb()),
             "peak_device_memory_mb": device_peak / 2**20 if device_peak is not None else None,
             "device": a.device(),
+            "precision": self.training["precision"],
+            "deterministic": bool(self.training["deterministic"]),
             "threads": self.threads,
             "resumes": state["resumes"],
             **self.transfer,
