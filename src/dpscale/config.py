@@ -153,6 +153,14 @@ def pretrain_training(config: dict[str, Any]) -> dict[str, Any]:
     return {**merged, "frozen_groups": 0}
 
 
+def run_training(training: dict[str, Any], gpus: int) -> dict[str, Any]:
+    """A run's `training` as the runner gets it: device null (unset) becomes gpu when the job
+    was given a GPU (the slurm profile gives every training job one: it must be used, never
+    silently replaced by the CPU), else auto."""
+    device = training.get("device") or ("gpu" if int(gpus or 0) > 0 else "auto")
+    return {**training, "device": device}
+
+
 def variant_configs(config: dict[str, Any]) -> dict[str, dict[str, Any]]:
     """Each variant's effective `training` and `model` (the config's, overrides merged in)."""
     out = {}

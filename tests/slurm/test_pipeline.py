@@ -62,7 +62,8 @@ def small_default() -> dict:
     backends are the conformance suite's). Same rules."""
     cfg = yaml.safe_load((PROJECT / "config/config.yaml").read_text())
     cfg["privacy"]["levels"] = ["none", "eps8"]
-    cfg["training"].update(epochs=2, batch_size=32, physical_batch_size=48)
+    # device auto: the test node's two GPUs are fake (the shipped profile's jobs require one).
+    cfg["training"].update(epochs=2, batch_size=32, physical_batch_size=48, device="auto")
     cfg["splits"].update(train_per_class=40, holdout_per_class=10, test_per_class=10)
     cfg["splits"]["profiles"] = {"balanced": cfg["splits"]["profiles"]["balanced"]}
     cfg["model"]["width"] = 8

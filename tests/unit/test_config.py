@@ -179,3 +179,14 @@ def test_variants_resolve_over_the_config_and_are_checked_as_it(default_config):
         dp_config.ConfigError, match=r"variants\.big\.simulate_batch_size: 8 is not"
     ):
         dp_config.validate(cfg, SCHEMA)
+
+
+def test_a_job_given_a_gpu_must_use_it_unless_the_config_says_otherwise():
+    # The slurm profile gives each training job a GPU: with training.device unset the run
+    # requires it (a backend that sees none stops), never trains on the CPU unnoticed.
+    base = {"epochs": 2, "device": None}
+    assert dp_config.run_training(base, gpus=1) == {"epochs": 2, "device": "gpu"}
+    assert dp_config.run_training(base, gpus=0)["device"] == "auto"
+    for device in ("auto", "cpu", "gpu"):
+        assert dp_config.run_training({**base, "device": device}, gpus=1)["device"] == device
+    assert base["device"] is None  # the variant's own settings are not changed

@@ -83,9 +83,15 @@ def env_python(backend):
     return str(dp_envs.python(backend, accelerator=ACCELERATOR))
 
 
+def declared_gpus():
+    """The workstation's GPUs (`--resources gpu=N`; the default profile says 0)."""
+    declared = workflow.global_resources.get("gpu")
+    return int(getattr(declared, "value", declared) or 0)
+
+
 def train_gpus(w):
-    """One GPU for a run that requires one (training.device gpu); the SLURM profile gives every
-    training job one anyway."""
+    """One GPU for a run that requires one (training.device gpu). The slurm profile gives every
+    training job one, which a run with device unset then requires (config.run_training)."""
     return int(VARIANTS[w.variant]["training"]["device"] == "gpu")
 
 
@@ -141,14 +147,15 @@ def pretrain_inputs(w):
     }
 
 
-def train_args(wildcards, input, output, params):
+def train_args(wildcards, input, output, params, resources):
+    training = VARIANTS[wildcards.variant]["training"]
     return dict(
         backend=wildcards.backend,
         data_dir=Path(input["images.npy"]).parent,
         split=input.split,
         privacy=input.privacy,
         model=VARIANTS[wildcards.variant]["model"],
-        training=VARIANTS[wildcards.variant]["training"],
+        training=dp_config.run_training(training, resources.get("gpu", 0)),
         options=config["backend_options"].get(wildcards.backend, {}),
         seed=wildcards.seed,
         init=input.get("init"),
@@ -172,7 +179,7 @@ def pretrain_privacy_args(input, output):
     )
 
 
-def pretrain_args(input, output, params):
+def pretrain_args(input, output, params, resources):
     backend = config["transfer"]["backend"]
     return dict(
         backend=backend,
@@ -180,7 +187,9 @@ def pretrain_args(input, output, params):
         split=input.split,
         privacy=output.privacy,
         model=config["model"],
-        training=dp_config.pretrain_training(config),
+        training=dp_config.run_training(
+            dp_config.pretrain_training(config), resources.get("gpu", 0)
+        ),
         options=config["backend_options"].get(backend, {}),
         seed=0,
         out_dir=Path(output.metrics).parent,

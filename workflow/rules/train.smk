@@ -32,8 +32,8 @@ rule train:
             params.python,
             threads,
             gpus=resources.gpu,  # on a workstation, one of its GPUs (`--resources gpu=N`)
-            gpu_total=workflow.global_resources.get("gpu"),
-            **train_args(wildcards, input, output, params),
+            gpu_total=declared_gpus(),
+            **train_args(wildcards, input, output, params, resources),
         )
 
 
@@ -101,5 +101,5 @@ rule pretrain:
             log.train,
             params.python,
             threads,
-            **pretrain_args(input, output, params),
+            **pretrain_args(input, output, params, resources),
         )
