@@ -159,3 +159,68 @@ def http_server(directory):
         server.shutdown()
         server.server_close()
         thread.join()
+
+
+def image_bytes(fmt: str = "JPEG", seed: int = 0, size=(40, 30), mode: str = "RGB") -> bytes:
+    """One encoded picture (any Pillow format and mode), e.g. CMYK JPEG, grey PNG."""
+    buf = io.BytesIO()
+    Image.fromarray(image_array(seed, size)).convert(mode).save(buf, format=fmt)
+    return buf.getvalue()
+
+
+def tar_bytes(entries: dict) -> bytes:
+    """An uncompressed tar in memory: name -> bytes, or ("symlink" | "hardlink", target)."""
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w") as tf:
+        for name, data in entries.items():
+            if isinstance(data, tuple):
+                info = tarfile.TarInfo(name)
+                info.type = tarfile.SYMTYPE if data[0] == "symlink" else tarfile.LNKTYPE
+                info.linkname = data[1]
+                tf.addfile(info)
+            else:
+                _add_bytes(tf, name, data)
+    return buf.getvalue()
+
+
+def make_ilsvrc_tar_of(folder, synsets: dict[str, bytes], extra: dict | None = None) -> Path:
+    """folder/ILSVRC2012_img_train.tar from ready inner tars (synset -> tar bytes), plus any
+    `extra` outer members (name -> bytes)."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / "ILSVRC2012_img_train.tar"
+    path.write_bytes(tar_bytes({**{f"{s}.tar": b for s, b in synsets.items()}, **(extra or {})}))
+    return path
+
+
+def make_ilsvrc_val(folder, synsets: list[str], layout: str = "devkit", size=(40, 30)) -> Path:
+    """folder/ILSVRC2012_img_val.tar: flat ILSVRC2012_val_<n>.JPEG, image n of class
+    synsets[n-1] (tinted by its sorted position), with its labels as the devkit
+    (ILSVRC2012_devkit_t12.tar.gz: ground truth + meta.mat, ids 1-based in sorted synset order,
+    as the real one) or as LOC_val_solution.csv (`layout` "devkit" or "csv")."""
+    from scipy.io import savemat
+
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    names = sorted(set(synsets))
+    images = {
+        f"ILSVRC2012_val_{n:08d}.JPEG": jpeg_bytes(50_000 + n, size, names.index(s))
+        for n, s in enumerate(synsets, start=1)
+    }
+    path = folder / "ILSVRC2012_img_val.tar"
+    path.write_bytes(tar_bytes(images))
+    if layout == "csv":
+        lines = ["ImageId,PredictionString"]
+        lines += [f"ILSVRC2012_val_{n:08d},{s} 1 2 30 40" for n, s in enumerate(synsets, 1)]
+        (folder / "LOC_val_solution.csv").write_text("\n".join(lines) + "\n")
+        return path
+    meta = np.zeros(len(names), dtype=[("ILSVRC2012_ID", "O"), ("WNID", "O"), ("words", "O")])
+    for i, name in enumerate(names):
+        meta[i] = (i + 1, name, f"words of {name}")
+    buf = io.BytesIO()
+    savemat(buf, {"synsets": meta})
+    truth = "".join(f"{names.index(s) + 1}\n" for s in synsets).encode()
+    with tarfile.open(folder / "ILSVRC2012_devkit_t12.tar.gz", "w:gz") as tf:
+        _add_bytes(tf, "ILSVRC2012_devkit_t12/data/meta.mat", buf.getvalue())
+        _add_bytes(tf, "ILSVRC2012_devkit_t12/data/ILSVRC2012_validation_ground_truth.txt", truth)
+    return path

@@ -111,11 +111,17 @@ def validate(config: dict[str, Any], schema_path: str | Path) -> dict[str, Any]:
 
     schema = yaml.safe_load(Path(schema_path).read_text())
     config = apply_scale(config)
+    given_rho = _balanced_with_rho(config)  # before the schema fills rho's default in
     validator = _with_defaults(jsonschema.validators.validator_for(schema))(schema)
     errors = sorted(validator.iter_errors(config), key=lambda e: (len(e.absolute_path), e.path))
     if errors:
         raise ConfigError(f"config error: {_explain(errors[0])}")
     _canonical_levels(config)
+    for name in given_rho:
+        _fail(
+            f"splits.profiles.{name}.rho",
+            "given for a balanced profile; expected no rho (balanced means rho 1) or kind exp/step",
+        )
     _check_semantics(config)
     # Each variant is the config with its overrides: it must pass the same checks, and a
     # failure names the variant's key (variants.<name>.training.batch_size: ...).
@@ -130,6 +136,7 @@ def validate(config: dict[str, Any], schema_path: str | Path) -> dict[str, Any]:
     if config["transfer"]:
         candidate = {**config, "training": pretrain_training(config), "transfer": None}
         _check_derived(validator, candidate, "transfer.")
+    _check_data(config)
     return config
 
 
@@ -239,6 +246,124 @@ def _check_semantics(config: dict[str, Any]) -> None:
         if not Path(env["python"]).is_absolute():
             _fail(f"envs.{name}.python", f"{env['python']!r}; expected an absolute path")
     _check_transfer(config, known)
+
+
+def _balanced_with_rho(config: dict[str, Any]) -> list[str]:
+    """Profiles written as kind balanced with a rho (which balanced would silently ignore)."""
+    profiles = (config.get("splits") or {}).get("profiles")
+    if not isinstance(profiles, dict):
+        return []
+    return [
+        name
+        for name, p in profiles.items()
+        if isinstance(p, dict) and p.get("kind") == "balanced" and "rho" in p
+    ]
+
+
+#: Integer keys of the data stage; JSON schema's `integer` accepts 32.0, argparse does not.
+_DATA_INTEGERS = (
+    ("dataset", "resolution"),
+    ("dataset", "max_per_class"),
+    ("dataset", "classes"),
+    ("splits", "seed"),
+    ("splits", "classes"),
+    ("splits", "train_per_class"),
+    ("splits", "holdout_per_class"),
+    ("splits", "test_per_class"),
+    ("transfer", "public_classes"),
+    ("transfer", "public_per_class"),
+)
+#: Classes of the sources whose class list the config alone tells.
+_KNOWN_CLASSES = {"digits": 10}
+
+
+def _check_data(config: dict[str, Any]) -> None:
+    """What the config alone says about the data stage, before any job (issue 17, item 5)."""
+    for section, key in _DATA_INTEGERS:
+        value = (config.get(section) or {}).get(key)
+        if isinstance(value, float):
+            _fail(
+                f"{section}.{key}",
+                f"{value!r} is a decimal number; expected a whole number ({int(value)})",
+            )
+    ds, splits, transfer = config["dataset"], config["splits"], config.get("transfer")
+    chosen = ds.get("classes")
+    available = (
+        len(chosen) if isinstance(chosen, list) else chosen or _KNOWN_CLASSES.get(ds["source"])
+    )
+    wanted = splits["classes"]
+    n_wanted = len(wanted) if isinstance(wanted, list) else wanted
+    public = transfer["public_classes"] if transfer else 0
+    where = "dataset.classes" if chosen is not None else f"source {ds['source']!r}"
+    if available is not None and n_wanted + public > available:
+        what = f"{n_wanted}" + (f" + transfer.public_classes {public}" if public else "")
+        _fail(
+            "splits.classes",
+            f"{what} classes; expected at most the {available} that {where} gives",
+        )
+    if isinstance(wanted, list) and isinstance(chosen, list):
+        missing = [w for w in wanted if w not in set(chosen)]
+        if missing:
+            _fail(
+                "splits.classes",
+                f"{missing[0]!r} is not in dataset.classes; expected names among those decoded",
+            )
+    official = splits["test"] == "official"
+    if ds["val"] and ds["source"] != "ilsvrc2012":
+        _fail("dataset.val", f"true for source {ds['source']!r}; expected it only for ilsvrc2012")
+    if official and not ds["val"]:
+        _fail(
+            "splits.test",
+            "official needs the official validation images; expected dataset.val: true "
+            "(source ilsvrc2012)",
+        )
+    n_test = 0 if official else splits["test_per_class"]
+    cap = ds.get("max_per_class")
+    need = splits["train_per_class"] + splits["holdout_per_class"] + n_test
+    if cap is not None and cap < need:
+        _fail(
+            "dataset.max_per_class",
+            f"{cap} images per class; the split needs {need} (train_per_class "
+            f"{splits['train_per_class']} + holdout_per_class {splits['holdout_per_class']}"
+            + (f" + test_per_class {n_test})" if n_test else ", test official)"),
+        )
+    if cap is not None and transfer and not official:
+        need_public = transfer["public_per_class"] + splits["test_per_class"]
+        if cap < need_public:
+            _fail(
+                "dataset.max_per_class",
+                f"{cap} images per class; the public split needs {need_public} "
+                f"(transfer.public_per_class {transfer['public_per_class']} + test_per_class "
+                f"{splits['test_per_class']})",
+            )
+    if ds["source"] == "ilsvrc2012" and ds.get("path"):
+        from dpscale.data.sources import (
+            ILSVRC_DEVKIT,
+            ILSVRC_LOC_CSV,
+            ILSVRC_TRAIN_TAR,
+            ILSVRC_VAL_TAR,
+        )
+
+        path = Path(ds["path"])
+        if path.is_dir() and not (path / ILSVRC_TRAIN_TAR).is_file():
+            _fail(
+                "dataset.path",
+                f"no {ILSVRC_TRAIN_TAR} in {str(path)!r}; expected the folder holding the "
+                "official ILSVRC2012 training tar",
+            )
+        folder = path if path.is_dir() else path.parent
+        if ds["val"] and not (folder / ILSVRC_VAL_TAR).is_file():
+            _fail(
+                "dataset.val",
+                f"no {ILSVRC_VAL_TAR} in {str(folder)!r}; expected the official validation tar "
+                "beside the training tar",
+            )
+        if ds["val"] and not any((folder / n).is_file() for n in (ILSVRC_DEVKIT, ILSVRC_LOC_CSV)):
+            _fail(
+                "dataset.val",
+                f"no {ILSVRC_DEVKIT} or {ILSVRC_LOC_CSV} in {str(folder)!r}; expected the "
+                "official validation labels",
+            )
 
 
 def _check_transfer(config: dict[str, Any], known: list[str]) -> None:

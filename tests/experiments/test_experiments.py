@@ -18,7 +18,7 @@ import yaml
 from dpscale import backends
 from tests import jobs
 from tests.conftest import PROJECT, snakemake_cmd
-from tests.datagen import make_imagefolder
+from tests.datagen import make_ilsvrc_train_tar, make_ilsvrc_val, make_imagefolder
 
 pytestmark = pytest.mark.slow
 
@@ -34,11 +34,14 @@ def snakemake(workdir: Path, *args: str, cores: int = 1, timeout: int = 1800):
 
 
 def data_overlay() -> Path:
-    """A second config file pointing dataset.path at a tiny class-per-folder tree."""
+    """A second config file pointing dataset.path at a tiny class-per-folder tree that also
+    holds the ILSVRC2012 tars (train, val and its labels), for either source."""
     root = jobs.workdir("imagefolder")
     overlay = root / "data.yaml"
     if not overlay.exists():
         folder = make_imagefolder(root / "train", {"n01": 2, "n02": 2}, size=(10, 8))
+        make_ilsvrc_train_tar(folder, {"n01": 2, "n02": 2}, size=(10, 8))
+        make_ilsvrc_val(folder, ["n01", "n02"], layout="csv", size=(10, 8))
         jobs.write_once(
             overlay, lambda f: f.write(yaml.safe_dump({"dataset": {"path": str(folder)}}).encode())
         )

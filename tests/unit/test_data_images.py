@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 import numpy as np
 import pytest
 from PIL import Image
@@ -71,8 +73,8 @@ def test_tar_member_reads_exact_bytes(tmp_path):
     member = images.TarMember(str(tar), offset, len(data), "n001_1.JPEG")
     assert images.read_member(member) == data
     handles = {}
-    assert images.read_member(member, handles) == data and str(tar) in handles
-    handles[str(tar)].close()
+    assert images.read_member(member, handles) == data and (os.getpid(), str(tar)) in handles
+    handles[os.getpid(), str(tar)].close()
     bad = images.TarMember(str(tar), tar.stat().st_size - 10, 100, "past the end")
     with pytest.raises(OSError, match="truncated tar member"):
         images.read_member(bad)

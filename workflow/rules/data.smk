@@ -38,8 +38,9 @@ rule prepare:
         f"{DATASET_DIR}/logs/prepare_{DATASET['resolution']}px.log",
     threads: 16
     params:
-        # Any change of the dataset settings re-prepares (Snakemake's params rerun trigger).
-        dataset={k: v for k, v in DATASET.items() if k != "name"},
+        # Any change of the dataset settings, or of any file under an image folder (its
+        # listing), re-prepares (Snakemake's params rerun trigger).
+        dataset=lambda w: dp_data.prepare_params(DATASET),
     run:
         run_step(
             "dpscale.data.prepare",

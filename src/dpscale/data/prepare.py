@@ -2,7 +2,8 @@
 
 Outputs in --out-dir: images.npy uint8 (N, R, R, 3), labels.npy int64 (N,) and manifest.json
 (source, resolution, classes, per-class counts, sha256 of both .npy files, skipped images and
-why). Images are decoded by --threads worker processes; corrupt ones are skipped and counted.
+why, files that are no images and why). Images are decoded by --threads worker processes;
+corrupt ones are skipped and counted.
 Every file is written under a temporary name and renamed into place, so a killed job leaves
 no half-written output.
 """
@@ -14,6 +15,7 @@ import functools
 import hashlib
 import json
 import math
+import os
 import sys
 import time
 from collections import deque
@@ -25,7 +27,14 @@ import numpy as np
 
 from dpscale import atomic
 from dpscale.data import DataError, images
-from dpscale.data.sources import MEDMNIST_PARTS, SOURCES, SUBSAMPLE_SEED, Index, index_source
+from dpscale.data.sources import (
+    MEDMNIST_PARTS,
+    SOURCES,
+    SUBSAMPLE_SEED,
+    Index,
+    index_ilsvrc_val,
+    index_source,
+)
 
 OUTPUTS = ("images.npy", "labels.npy", "manifest.json")
 LOG_EVERY_S = 5.0
@@ -43,6 +52,12 @@ def _decode_chunk(task):
         except Exception as err:  # noqa: BLE001 - any decoder error means "skip this image"
             failed.append((i, f"{type(err).__name__}: {err}".splitlines()[0][:200]))
     return out, failed
+
+
+def _close_handles() -> None:
+    """Close this process's cached tar files (a forked worker keys its own by its pid)."""
+    for key in [k for k in _HANDLES if k[0] == os.getpid()]:
+        _HANDLES.pop(key).close()
 
 
 def _chunks(n: int, threads: int) -> list[tuple[int, int]]:
@@ -74,8 +89,11 @@ def _decode_all(items, size, draft, threads, out, log):
             last_log = now
 
     if threads == 1:
-        for span, task in zip(spans, tasks, strict=True):
-            take(span, _decode_chunk(task))
+        try:
+            for span, task in zip(spans, tasks, strict=True):
+                take(span, _decode_chunk(task))
+        finally:
+            _close_handles()
         return failed
     # fork: workers inherit the imported modules; a bounded window of chunks keeps memory flat.
     with ProcessPoolExecutor(threads, mp_context=get_context("fork")) as pool:
@@ -89,6 +107,11 @@ def _decode_all(items, size, draft, threads, out, log):
             span0, fut = pending.popleft()
             take(span0, fut.result())
     return failed
+
+
+def _ranges(sizes: list[int], names: list[str]) -> dict[str, list[int]]:
+    ends = np.cumsum([0, *sizes]).tolist()
+    return {name: [ends[i], ends[i + 1]] for i, name in enumerate(names)}
 
 
 def _sha256(path: Path) -> str:
@@ -126,18 +149,27 @@ def prepare(
     draft: bool = True,
     settings: dict | None = None,
     log=print,
+    val: Index | None = None,
 ) -> dict:
     """Decode every item of `index` to (resolution, resolution, 3) and write the three outputs.
 
+    With `val` (the official validation images of the same classes), its rows follow the
+    training rows: manifest `parts` gives both row ranges, `val_counts` the per-class counts.
     Returns the manifest. Raises DataError if a class ends up with no readable image.
     """
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     threads = max(1, int(threads))
-    items = [it for its in index.items for it in its]
-    keys = [k for ks in index.keys for k in ks]
-    labels = np.repeat(np.arange(len(index.classes), dtype=np.int64), index.counts)
+    parts = [("train", index)] + ([("val", val)] if val is not None else [])
+    items = [it for _, ix in parts for its in ix.items for it in its]
+    keys = [k for _, ix in parts for ks in ix.keys for k in ks]
+    k = len(index.classes)
+    labels = np.concatenate([np.repeat(np.arange(k, dtype=np.int64), ix.counts) for _, ix in parts])
+    part_of = np.repeat(np.arange(len(parts)), [sum(ix.counts) for _, ix in parts])
     n, shape = len(items), (resolution, resolution, 3)
+    n_unused = sum(len(ix.unused) for _, ix in parts)
+    if n_unused:
+        log(f"prepare: {n_unused} files are not images, listed in manifest.json unused")
     log(
         f"prepare: {n} images in {len(index.classes)} classes from {index.source} "
         f"({index.root}) -> {resolution}px, {threads} threads, draft {'on' if draft else 'off'}"
@@ -155,13 +187,18 @@ def prepare(
         failed = _decode_all(items, resolution, draft, threads, raw, log)
         keep = np.ones(n, bool)
         keep[[i for i, _ in failed]] = False
-        counts = np.bincount(labels[keep], minlength=len(index.classes))
-        for name, count, total in zip(index.classes, counts, index.counts, strict=True):
-            if count == 0:
-                raise DataError(
-                    f"class {name!r}: none of its {total} images could be read; "
-                    "expected at least one readable image"
-                )
+        kept = {}
+        for p, (part, ix) in enumerate(parts):
+            rows = keep & (part_of == p)
+            kept[part] = np.bincount(labels[rows], minlength=k)
+            for name, count, total in zip(ix.classes, kept[part], ix.counts, strict=True):
+                if count == 0:
+                    what = "images" if part == "train" else "official validation images"
+                    raise DataError(
+                        f"class {name!r}: none of its {total} {what} could be read; "
+                        "expected at least one readable image"
+                    )
+        counts = kept["train"]
         if failed:
             # Rare: compact the good rows into a second file rather than hold N images in RAM;
             # it replaces the decoded one only once complete.
@@ -182,6 +219,9 @@ def prepare(
             "jpeg_draft": draft,
             "classes": list(index.classes),
             "counts": [int(c) for c in counts],
+            # Row ranges [start, end) of each part in images.npy / labels.npy.
+            "parts": _ranges([int(kept[part].sum()) for part, _ in parts], [p for p, _ in parts]),
+            **({"val_counts": [int(c) for c in kept["val"]]} if val is not None else {}),
             "n_images": int(keep.sum()),
             "sha256": {"images.npy": _sha256(tmp_images), "labels.npy": _sha256(tmp_labels)},
             "n_skipped": len(failed),
@@ -189,6 +229,11 @@ def prepare(
                 {"item": keys[i], "class": index.classes[all_labels[i]], "reason": why}
                 for i, why in failed
             ],
+            # Files met in the chosen classes that are no images (never decoded), with why.
+            "n_unused": sum(len(ix.unused) for _, ix in parts),
+            "unused": [u for _, ix in parts for u in ix.unused],
+            "index": {key: v for _, ix in parts for key, v in ix.notes.items()},
+            "conversions": images.CONVERSIONS,
             "settings": {**(settings or {}), "subsample_seed": SUBSAMPLE_SEED},
             "threads": threads,
             "seconds": round(seconds, 3),
@@ -227,6 +272,11 @@ def main(argv=None) -> None:
     parser.add_argument("--out-dir", required=True, help="where the three outputs go")
     parser.add_argument("--threads", type=int, default=1, help="decoding worker processes")
     parser.add_argument("--no-draft", action="store_true", help="decode JPEGs at full size")
+    parser.add_argument(
+        "--val",
+        action="store_true",
+        help="ilsvrc2012: append the official validation images of the chosen classes",
+    )
     args = parser.parse_args(argv)
     if args.resolution < 1:
         parser.error(f"--resolution: {args.resolution}; expected a positive number of pixels")
@@ -235,12 +285,20 @@ def main(argv=None) -> None:
         "classes": args.classes,
         "max_per_class": args.max_per_class,
         "medmnist_split": args.medmnist_split,
+        "val": args.val,
     }
     try:
         log = functools.partial(print, flush=True)
         index = index_source(
             args.source, args.path, args.classes, args.max_per_class, args.medmnist_split, log
         )
+        val = None
+        if args.val:
+            if args.source != "ilsvrc2012":
+                raise DataError(
+                    f"dataset.val: true for source {args.source!r}; expected ilsvrc2012"
+                )
+            val = index_ilsvrc_val(args.path, index.classes, log)
         prepare(
             index,
             args.resolution,
@@ -249,6 +307,7 @@ def main(argv=None) -> None:
             draft=not args.no_draft,
             settings=settings,
             log=log,
+            val=val,
         )
     except DataError as err:
         sys.exit(f"prepare: error: {err}")

@@ -5,7 +5,8 @@ Per selected class c with rank r = 0..K-1 (the order of `splits.classes`):
   for the first ceil(K/2) classes and floor(n_max / rho) for the rest; never below 1;
 - holdout (non-members for membership inference, same distribution as train):
   round(holdout_per_class * n_c / n_max), halves rounded up;
-- test: test_per_class (balanced).
+- test: test_per_class (balanced), or with `--test official` every official validation image
+  of the class (ILSVRC2012 prepared with dataset.val; manifest `parts`).
 Each class's images are permuted by a generator seeded with (seed, dataset label) and cut as
 [test | train | holdout], so the test set is the same in every profile, a class's draws do not
 depend on which other classes are selected, and a long-tailed train set is a subset of the
@@ -96,23 +97,45 @@ def make_split(
     test_per_class: int,
     seed: int,
     class_names: list[str] | None = None,
+    rows: dict[str, list[int]] | None = None,
+    test: str = "from_train",
 ) -> dict[str, np.ndarray]:
-    """Disjoint sorted index arrays into `labels` for the selected classes (see module doc)."""
+    """Disjoint sorted index arrays into `labels` for the selected classes (see module doc).
+
+    `rows` (manifest `parts`): row ranges of the training and official validation images; only
+    training rows are drawn from. test "official": the test set is every official validation
+    row of the selected classes, and each class's training rows are cut as [train | holdout].
+    """
     labels = np.asarray(labels)
     names = class_names or [str(c) for c in classes]
+    in_train = np.zeros(len(labels), bool)
+    a, b = (rows or {}).get("train", [0, len(labels)])
+    in_train[a:b] = True
+    in_val = np.zeros(len(labels), bool)
+    if test == "official":
+        if not rows or "val" not in rows:
+            raise DataError(
+                "splits.test: official, but the prepared data has no official validation "
+                "images; expected data prepared with dataset.val: true"
+            )
+        in_val[rows["val"][0] : rows["val"][1]] = True
     parts = {"train": [], "holdout": [], "test": []}
     for c, name, n_train, n_hold in zip(classes, names, train, holdout, strict=True):
-        pool = np.flatnonzero(labels == c)
-        need = test_per_class + n_train + n_hold
+        pool = np.flatnonzero((labels == c) & in_train)
+        n_test = 0 if test == "official" else test_per_class
+        need = n_test + n_train + n_hold
         if len(pool) < need:
             raise DataError(
                 f"splits: class {name!r} has {len(pool)} images; the split needs {need} "
-                f"({n_train} train + {n_hold} holdout + {test_per_class} test)"
+                f"({n_train} train + {n_hold} holdout + {n_test} test)"
             )
         perm = np.random.default_rng([seed, int(c)]).permutation(pool)
-        parts["test"].append(perm[:test_per_class])
-        parts["train"].append(perm[test_per_class : test_per_class + n_train])
-        parts["holdout"].append(perm[test_per_class + n_train : need])
+        if test == "official":
+            parts["test"].append(np.flatnonzero((labels == c) & in_val))
+        else:
+            parts["test"].append(perm[:n_test])
+        parts["train"].append(perm[n_test : n_test + n_train])
+        parts["holdout"].append(perm[n_test + n_train : need])
     return {k: np.sort(np.concatenate(v)).astype(np.int64) for k, v in parts.items()}
 
 
@@ -128,6 +151,7 @@ def build(
     holdout_per_class: int,
     test_per_class: int,
     public: int | None = None,
+    test: str = "from_train",
 ) -> dict[str, np.ndarray]:
     """The arrays of one split file (format: docs/architecture.md); with `public`, a split of
     that many classes disjoint from `classes` instead."""
@@ -138,7 +162,10 @@ def build(
     chosen_names = [names[c] for c in chosen]
     train = train_counts(kind, train_per_class, len(chosen), rho)
     hold = holdout_counts(train, holdout_per_class, train_per_class)
-    idx = make_split(labels, chosen, train, hold, test_per_class, seed, chosen_names)
+    idx = make_split(
+        labels, chosen, train, hold, test_per_class, seed, chosen_names, manifest.get("parts"), test
+    )
+    test_counts = np.asarray([int(np.sum(labels[idx["test"]] == c)) for c in chosen], np.int64)
     meta = {
         "name": profile,
         "profile": profile,
@@ -149,7 +176,13 @@ def build(
         "train_per_class": train_per_class,
         "holdout_per_class": holdout_per_class,
         "test_per_class": test_per_class,
-        "order": "per class: permutation seeded by (seed, label), cut as [test | train | holdout]",
+        "test": test,
+        "order": (
+            "per class: permutation seeded by (seed, label), cut as [test | train | holdout]"
+            if test != "official"
+            else "per class: permutation of the training rows seeded by (seed, label), cut as "
+            "[train | holdout]; test = the official validation rows"
+        ),
         "dataset": {
             "source": manifest.get("source"),
             "resolution": manifest.get("resolution"),
@@ -161,7 +194,7 @@ def build(
         "classes": np.asarray(chosen, np.int64),
         "train_counts": np.asarray(train, np.int64),
         "holdout_counts": np.asarray(hold, np.int64),
-        "test_counts": np.full(len(chosen), test_per_class, np.int64),
+        "test_counts": test_counts,
         "meta": np.asarray(json.dumps(meta)),
     }
 
@@ -185,6 +218,12 @@ def main(argv=None) -> None:
     parser.add_argument("--train-per-class", type=int, required=True, help="n_max")
     parser.add_argument("--holdout-per-class", type=int, default=0)
     parser.add_argument("--test-per-class", type=int, required=True)
+    parser.add_argument(
+        "--test",
+        default="from_train",
+        choices=["from_train", "official"],
+        help="the test set: cut from the training images, or the official validation images",
+    )
     parser.add_argument("--out", required=True, help="the .npz to write")
     parser.add_argument("--threads", type=int, default=1, help="unused (one thread is enough)")
     args = parser.parse_args(argv)
@@ -203,6 +242,7 @@ def main(argv=None) -> None:
             args.holdout_per_class,
             args.test_per_class,
             args.public,
+            args.test,
         )
         atomic.write_npz(args.out, arrays)
     except DataError as err:
