@@ -235,6 +235,13 @@ def test_plan_for_a_target_epsilon():
     assert rec["steps"] == 102 and rec["steps_per_epoch"] == 17
     assert len(rec["eps_by_epoch"]) == 6 and rec["eps_by_epoch"][-1] == rec["epsilon"]
     assert rec["eps_by_epoch"] == sorted(rec["eps_by_epoch"])
+    # Inside the first epoch (17 steps): 1, 2, 4, 8 and 16 steps, rising to the epoch's value.
+    inside = rec["eps_first_epoch_steps"]
+    assert list(inside) == ["1", "2", "4", "8", "16"]
+    assert (
+        list(inside.values()) == sorted(inside.values()) and inside["16"] < rec["eps_by_epoch"][0]
+    )
+    assert inside["4"] == acc.epsilon_rdp(rec["sample_rate"], rec["noise_multiplier"], 4, 1e-5)
     assert rec["noise_multiplier"] == pytest.approx(0.7843, abs=1e-3)
     assert rec["n_train"] == 1100 and rec["epochs"] == 6 and rec["delta"] == 1e-5
 

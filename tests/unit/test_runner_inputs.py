@@ -151,3 +151,25 @@ def test_backend_outside_its_venv(tmp_path, inputs):
     require(importlib.util.find_spec("torch") is None, "torch is importable in the base env")
     line = one_line_error(run_runner(tmp_path, inputs))
     assert "backend 'reference' cannot be imported here" in line and "venv" in line
+
+
+def test_eps_so_far_is_the_epsilon_after_the_steps_taken():
+    # 3 epochs of 9 steps; inside the first, values at 1, 2, 4, 8 steps (calibrate writes them).
+    p = {
+        "private": True,
+        "eps_by_epoch": [0.5, 0.9, 1.2],
+        "eps_first_epoch_steps": {"1": 0.1, "2": 0.15, "4": 0.25, "8": 0.45},
+    }
+    lengths = [9, 9, 9]
+    got = [loop.epsilon_so_far(p, lengths, s) for s in (0, 1, 3, 8, 9, 17, 18, 27)]
+    assert got == [
+        (0, 0.0),
+        (1, 0.1),
+        (2, 0.15),
+        (8, 0.45),
+        (9, 0.5),
+        (9, 0.5),
+        (18, 0.9),
+        (27, 1.2),
+    ]
+    assert loop.epsilon_so_far({"private": False}, lengths, 5) == (5, None)

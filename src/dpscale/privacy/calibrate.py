@@ -165,6 +165,12 @@ def privacy_plan(
         if epoch % every == 0:
             say(f"epoch {epoch}/{len(by_epoch)}: eps {eps_by_epoch[-1]:.6g} after {k} steps")
     record["eps_by_epoch"] = [*eps_by_epoch, record["epsilon"]]
+    # Inside the first epoch, at 1, 2, 4, ... steps: the training log's "eps so far" there.
+    record["eps_first_epoch_steps"] = {
+        str(k): acc.epsilon(q, sigma, k, delta, accountant)
+        for k in (2**i for i in range(by_epoch[0].bit_length()))
+        if k < by_epoch[0]
+    }
     return record
 
 

@@ -212,6 +212,23 @@ def epsilon_after(privacy: dict, epoch: int) -> float | None:
     return None
 
 
+def epsilon_so_far(privacy: dict, lengths: list[int], steps: int) -> tuple[int, float | None]:
+    """(k, epsilon after k steps) for the largest k <= `steps` the privacy file has a value for:
+    an epoch's end (eps_by_epoch, `lengths` = steps per epoch) or, inside the first epoch, a
+    power of 2 (eps_first_epoch_steps). (0, 0.0) before any; (steps, None) if not private."""
+    if not privacy.get("private"):
+        return steps, None
+    ends = np.cumsum(lengths)
+    done = int(np.searchsorted(ends, steps, side="right"))  # epochs finished after `steps`
+    if done:
+        return int(ends[done - 1]), epsilon_after(privacy, done)
+    inside = [int(k) for k in privacy.get("eps_first_epoch_steps") or {} if int(k) <= steps]
+    if not inside:
+        return 0, 0.0
+    k = max(inside)
+    return k, privacy["eps_first_epoch_steps"][str(k)]
+
+
 def check_consistency(data: Data, privacy: dict) -> None:
     """The privacy file must be the one calibrated for this split."""
     n_train = len(data.train)
@@ -460,12 +477,14 @@ class Run:
                 due = (i + 1) % log_every == 0 or time.monotonic() - last_log > LOG_EVERY_S
                 if i == 0 or due or i + 1 == len(batches):
                     last_log = time.monotonic()
-                    eps = epsilon_after(self.privacy, epoch - 1)
+                    k, eps = epsilon_so_far(self.privacy, self.lengths, step + 1)
                     log(
                         f"epoch {epoch}/{self.epochs} step {i + 1}/{len(batches)} "
                         f"(global {step + 1}/{self.total_steps}) loss {loss:.4f} lr {lr:.4g} "
                         f"batch {b} step {dt * 1e3:.1f} ms ({b / dt if dt > 0 else 0:.1f} ex/s) "
-                        f"eps so far {_fmt_eps(eps)} ({self.eps_note})"
+                        f"eps so far {_fmt_eps(eps)}"
+                        + (f" after {k} steps" if eps is not None else "")
+                        + f" ({self.eps_note})"
                     )
             train_seconds = time.perf_counter() - t_epoch
             timing["epochs"].append(
