@@ -35,7 +35,8 @@ done
 export PYTHONPATH=$PWD/src:$site${PYTHONPATH:+:$PYTHONPATH}
 export XLA_PYTHON_CLIENT_PREALLOCATE=false  # jax takes memory as it needs it, as in a run
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader || true
-"$py" -c "import torch, jax; print('torch', torch.__version__, torch.cuda.is_available(), '| jax', jax.__version__, jax.devices())"
+"$py" -c "import torch; print('torch', torch.__version__, 'cuda', torch.cuda.is_available())" || true
+"$py" -c "import jax; print('jax', jax.__version__, jax.devices())" || true
 pythons=()
 for b in reference opacus jax tfprivacy objax; do pythons+=(--python "$b=$py"); done
 # jax's default conv on a GPU is XLA's; tfprivacy and objax: one row each to say "not measured".
