@@ -6,9 +6,11 @@ does), summed over the real rows of every chunk, plus one Gaussian draw N(0, sig
 parameter, divided by the expected batch size B. Non-private: mean gradient over real rows.
 Then SGD with heavy-ball momentum, v = mu*v + g, w = w - lr*v.
 
-Options: `vmap_chunk` (max examples per vmap call; bounds the memory of per-example gradients,
-which is examples x parameters floats; default: whole chunk). The device comes from
-training.device (base.Runtime).
+Options: `vmap_chunk` (max examples per vmap call, or per book-keeping pass; bounds the memory
+of per-example gradients, which is examples x parameters floats; default: whole chunk); `mode`:
+"vmap" (default, the above; mode label reference-torch.func) or "bk" (Book-Keeping: norms and
+the clipped sum from one backward pass, _bookkeeping_torch; label reference-bk), the same
+clipping factor either way. The device comes from training.device (base.Runtime).
 """
 
 from __future__ import annotations
@@ -18,12 +20,14 @@ import torch
 import torch.nn.functional as F
 from torch.func import functional_call, grad, grad_and_value, vmap
 
+from dpscale.backends import _bookkeeping_torch as bk
 from dpscale.backends import _torch_resnet as tr
 from dpscale.backends.base import Adapter as BaseAdapter
 from dpscale.backends.base import Batch, StepConfig
 from dpscale.models.resnet import init_weights
 
 CLIP_EPS = 1e-6
+MODES = {"vmap": "reference-torch.func", "bk": "reference-bk"}
 
 
 def clip_factors(norms: torch.Tensor, clip_norm: float) -> torch.Tensor:
@@ -41,6 +45,7 @@ class Adapter(tr.TorchModel, BaseAdapter):
     mode = "reference-torch.func"
     OPTIONS = {
         "vmap_chunk": "max examples per vmap call (bounds per-example gradient memory)",
+        "mode": "vmap (per-example gradients) or bk (Book-Keeping, one backward pass)",
     }
 
     def _build(self) -> None:
@@ -50,6 +55,12 @@ class Adapter(tr.TorchModel, BaseAdapter):
         self._vmap_chunk = self.options.get("vmap_chunk")
         if self._vmap_chunk is not None and int(self._vmap_chunk) < 1:
             raise ValueError(f"reference option vmap_chunk={self._vmap_chunk}; expected >= 1")
+        option = self.options.get("mode", "vmap")
+        if option not in MODES:
+            raise ValueError(
+                f"reference option mode={option!r}; expected one of {', '.join(MODES)}"
+            )
+        self.mode, self._bk = MODES[option], option == "bk"
         self.model = tr.ResNet18(spec).to(self._device)
         tr.load_canonical(self.model, init_weights(spec, seed))
         self._velocity: dict[str, torch.Tensor] = {}
@@ -80,7 +91,15 @@ class Adapter(tr.TorchModel, BaseAdapter):
         params = self._params()
         step = int(self._vmap_chunk or len(x))
         loss_sum = torch.zeros((), device=self._device)
+        layers = bk.tracked_layers(self.model) if self._bk else []
         for i in range(0, len(x), step):
+            if self._bk:
+                book = bk.book_keeping(self.model, layers, x[i : i + step], y[i : i + step])
+                factors = clip_factors(book.sq_norms.sqrt(), clip_norm)
+                for name, g in book.weighted_sum(factors).items():
+                    acc[name] += g
+                loss_sum += book.losses.sum()
+                continue
             grads, losses = self._per_example(params, x[i : i + step], y[i : i + step])
             factors = clip_factors(per_example_norms(grads), clip_norm)
             for name, g in grads.items():
