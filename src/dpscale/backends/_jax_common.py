@@ -156,6 +156,16 @@ def conv_patches(jnp, x, w_hwio, stride: int, pad: int, layout: str):
     `layout` is "NHWC" or "NCHW" for x and the result; `jnp` is the caller's jax.numpy.
     """
     kh, kw, cin, cout = w_hwio.shape
+    patches = shifted_patches(jnp, x, kh, kw, stride, pad, layout)
+    kernel = w_hwio.reshape(kh * kw, cin, cout)
+    if layout == "NHWC":
+        return jnp.einsum("nkhwc,kco->nhwo", patches, kernel)
+    return jnp.einsum("nkchw,kco->nohw", patches, kernel)
+
+
+def shifted_patches(jnp, x, kh: int, kw: int, stride: int, pad: int, layout: str):
+    """The kh*kw shifted, strided slices of the zero-padded x that a kh x kw convolution
+    multiplies by its kernel: (n, kh*kw, ...x's other axes at the output's size)."""
     h_axis = layout.index("H")
     spatial = [(0, 0)] * 4
     spatial[h_axis] = spatial[h_axis + 1] = (pad, pad)
@@ -169,8 +179,4 @@ def conv_patches(jnp, x, w_hwio, stride: int, pad: int, layout: str):
             index[h_axis] = slice(a, a + stride * (h_out - 1) + 1, stride)
             index[h_axis + 1] = slice(b, b + stride * (w_out - 1) + 1, stride)
             shifts.append(xp[tuple(index)])
-    patches = jnp.stack(shifts, axis=1)  # (n, kh*kw, ...x's other axes)
-    kernel = w_hwio.reshape(kh * kw, cin, cout)
-    if layout == "NHWC":
-        return jnp.einsum("nkhwc,kco->nhwo", patches, kernel)
-    return jnp.einsum("nkchw,kco->nohw", patches, kernel)
+    return jnp.stack(shifts, axis=1)

@@ -77,26 +77,36 @@ def _gn(params, name: str, x, spec: ResNetSpec):
     )
 
 
-def forward(params: dict, x, spec: ResNetSpec, impl: str = "xla"):
-    """Logits of the ResNet-18 of dpscale.models.resnet for NHWC images x."""
+def forward(params: dict, x, spec: ResNetSpec, impl: str = "xla", tap=None):
+    """Logits of the ResNet-18 of dpscale.models.resnet for NHWC images x.
+
+    `tap(name, input, output, stride, pad) -> output`, if given, sees each parameterized layer
+    (canonical prefix; stride and pad for convolutions, else None): _bookkeeping_jax records
+    inputs and adds its probes there.
+    """
     relu = jax.nn.relu
-    conv = partial(_conv, impl=impl)
+    tap = tap or (lambda name, a, out, stride, pad: out)
+
+    def conv(name, x, stride, pad):
+        return tap(name, x, _conv(x, params[f"{name}.weight"], stride, pad, impl), stride, pad)
+
+    def gn(name, x):
+        return tap(name, x, _gn(params, name, x, spec), None, None)
+
     imagenet = spec.stem_kind == "imagenet"
-    x = conv(x, params["conv1.weight"], 2 if imagenet else 1, 3 if imagenet else 1)
-    x = relu(_gn(params, "gn1", x, spec))
+    x = relu(gn("gn1", conv("conv1", x, 2 if imagenet else 1, 3 if imagenet else 1)))
     if imagenet:
         x = max_pool_3x3_s2(x)
     for prefix, _, _, stride, down in blocks(spec):
-        out = relu(
-            _gn(params, f"{prefix}.gn1", conv(x, params[f"{prefix}.conv1.weight"], stride, 1), spec)
-        )
-        out = _gn(params, f"{prefix}.gn2", conv(out, params[f"{prefix}.conv2.weight"], 1, 1), spec)
+        out = relu(gn(f"{prefix}.gn1", conv(f"{prefix}.conv1", x, stride, 1)))
+        out = gn(f"{prefix}.gn2", conv(f"{prefix}.conv2", out, 1, 1))
         if down:
-            short = conv(x, params[f"{prefix}.downsample.conv.weight"], stride, 0)
-            x = relu(out + _gn(params, f"{prefix}.downsample.gn", short, spec))
+            short = conv(f"{prefix}.downsample.conv", x, stride, 0)
+            x = relu(out + gn(f"{prefix}.downsample.gn", short))
         else:
             x = relu(out + x)
-    return x.mean(axis=(1, 2)) @ params["fc.weight"].T + params["fc.bias"]
+    pooled = x.mean(axis=(1, 2))
+    return tap("fc", pooled, pooled @ params["fc.weight"].T + params["fc.bias"], None, None)
 
 
 def cross_entropy(logits, labels):
@@ -201,6 +211,7 @@ class Adapter(jc.JaxDevice, BaseAdapter):
         "eval_batch_size": "rows per prediction call",
         "compilation_cache": "XLA's persistent cache: true, false or a folder",
         "conv": "auto, xla or patches",
+        "mode": "vmap (per-example gradients) or bk (Book-Keeping, one backward pass)",
     }
 
     def _build(self) -> None:
@@ -217,6 +228,13 @@ class Adapter(jc.JaxDevice, BaseAdapter):
         option = self.options.get("conv", "auto")
         self._conv_dp, self._conv = jc.conv_impls(option, jax.default_backend(), "jax")
         self.mode = "jax-vmap" if self._conv_dp == "patches" else "jax-vmap-xlaconv"
+        if self.options.get("mode", "vmap") not in ("vmap", "bk"):
+            raise ValueError(f"jax option mode={self.options['mode']!r}; expected vmap or bk")
+        if self.options.get("mode") == "bk":  # no vmap: the forward's own convolution serves
+            from dpscale.backends import _bookkeeping_jax
+
+            self.dp_chunk = _bookkeeping_jax.dp_chunk
+            self._conv_dp, self.mode = self._conv, "jax-bk"
         self._predict = jax.jit(partial(forward, spec=spec, impl=self._conv))
         # lr and momentum are injected hyperparameters (traced), so the update compiles once.
         self._tx = optax.inject_hyperparams(optax.sgd)(learning_rate=0.0, momentum=0.0)
