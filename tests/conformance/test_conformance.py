@@ -72,7 +72,13 @@ VARIANTS_OF = {
     ],
     # conv auto = patches in the DP step on CPU; on a GPU the DP step takes XLA's convolution,
     # which conv=xla selects here.
-    "jax": [({}, "jax-vmap", BOTH), ({"conv": "xla"}, "jax-vmap-xlaconv", CIFAR)],
+    # mode bk (Book-Keeping) runs both stems: its per-layer norms and sums take each conv's
+    # geometry (the ImageNet stem's 7x7/2) apart, the model itself is unchanged.
+    "jax": [
+        ({}, "jax-vmap", BOTH),
+        ({"mode": "bk"}, "jax-bk", BOTH),
+        ({"conv": "xla"}, "jax-vmap-xlaconv", CIFAR),
+    ],
     "jaxprivacy": [
         ({}, "jaxprivacy-clipped-grad", BOTH),
         ({"conv": "xla"}, "jaxprivacy-clipped-grad-xlaconv", CIFAR),
@@ -86,7 +92,7 @@ VARIANTS_OF = {
         for m in ("hooks", "functorch", "ghost")
         for fast in (True, False)
     ],
-    "reference": [({}, "reference-torch.func", BOTH)],
+    "reference": [({}, "reference-torch.func", BOTH), ({"mode": "bk"}, "reference-bk", BOTH)],
 }
 BACKENDS = [
     *VARIANTS_OF,
