@@ -32,6 +32,9 @@ import tempfile
 import time
 from pathlib import Path
 
+import _contention  # benchmarks/, this script's folder
+import _reps
+
 from dpscale import backends, envs
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -42,6 +45,8 @@ SECTION = "DP-SGD steps"
 GOAL = 2.0  # issue 9: every backend's DP step <= 2x its non-private step on CPU, width 16, B 64
 FEED_GOAL = 0.05  # the runner's feed under 5% of the step time
 BASELINE, CURRENT = "baseline", "current"  # --baseline: which code a row measured
+# --quick: one thread, two repetitions of fewer steps, no Poisson phase (a check of the ratios).
+QUICK = ("--threads", "1", "--reps", "2", "--steps", "6", "--poisson-steps", "0")
 
 # The DP modes each backend offers, as adapter options (see each adapter's module docstring).
 MODES: dict[str, list[dict]] = {
@@ -222,12 +227,22 @@ def has_backend(src: Path, name: str) -> bool:
 
 
 def run_worker(
-    python: Path, backend: str, options: dict, batch: int, args, tmp: Path, src: Path | None = None
+    python: Path,
+    backend: str,
+    options: dict,
+    batch: int,
+    args,
+    tmp: Path,
+    src: Path | None = None,
+    threads: int = 1,
+    poisson_steps: int = 0,
 ) -> dict:
     """One worker process; its "[worker]" lines are echoed, the rest kept for errors.
 
     src: a dpscale source tree to import instead of this one (the venvs' .pth names this one;
-    PYTHONPATH comes before it).
+    PYTHONPATH comes before it). The result's "contention" is the /proc/stat window around the
+    whole worker (its process tree is "own") and "steady_contention" the worker's own window
+    around its timed steps.
     """
     out = tmp / f"{backend}-{len(list(tmp.iterdir()))}.json"
     cmd = [
@@ -236,14 +251,15 @@ def run_worker(
         "--groups", str(args.groups), "--num-classes", str(args.num_classes),
         "--batch-size", str(batch), *(["--physical", str(args.physical)] if args.physical else []),
         "--steps", str(args.steps), "--warmup", str(args.warmup),
-        "--poisson-steps", str(args.poisson_steps), "--n-train", str(args.n_train),
-        "--threads", str(args.threads), "--seed", str(args.seed), "--out", str(out),
+        "--poisson-steps", str(poisson_steps), "--n-train", str(args.n_train),
+        "--threads", str(threads), "--seed", str(args.seed), "--out", str(out),
     ]  # fmt: skip
     tail: collections.deque[str] = collections.deque(maxlen=30)
     started = time.perf_counter()
     env = dict(os.environ)
     if src is not None:
         env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(src), env.get("PYTHONPATH")]))
+    before = _contention.sample(children=True)
     proc = subprocess.Popen(
         cmd,
         stdout=subprocess.PIPE,
@@ -262,10 +278,9 @@ def run_worker(
         proc.kill()
         proc.wait()
     wall = time.perf_counter() - started
+    window = _contention.window(before, _contention.sample(children=True))
     if proc.returncode == 0 and out.exists():
-        result = json.loads(out.read_text())
-        result["worker_wall_s"] = wall
-        return result
+        return {**json.loads(out.read_text()), "worker_wall_s": wall, "contention": window}
     errors = [t for t in tail if re.match(r"^\w*(Error|Exception)\b", t)] or list(tail)[-1:]
     return {
         "backend": backend,
@@ -275,6 +290,8 @@ def run_worker(
         "returncode": proc.returncode,
         "log_tail": list(tail),
         "worker_wall_s": wall,
+        "threads": threads,
+        "contention": window,
     }
 
 
@@ -301,7 +318,7 @@ def ms(seconds) -> str:
 
 def table(runs: list[dict]) -> list[str]:
     lines = [
-        "| backend | mode (options) | non-private ms | DP ms | DP / non-private | "
+        "| backend | mode (options) | non-private ms | DP ms | DP / non-private (min-max) | "
         "first step s (NP / DP) | peak RSS MB (NP / DP) | Poisson step ms (NP / DP), P | "
         "chunk shapes / batch sizes | compiles in 1st Poisson step / after | "
         "feed ms (plain / augment) | feed / step (NP / DP) |",
@@ -315,32 +332,40 @@ def table(runs: list[dict]) -> list[str]:
                 + " |" * 9
             )  # fmt: skip
             continue
-        st, w, p = r["steady"], r["warm"], r["poisson"]
-        pn, pd = p["nonprivate"], p["dp"]
-        counter = pd["compile_counter"]
-        compiles = (
-            "n/a (eager)"
-            if pd["compiles_first_step"] is None
-            else f"{pd['compiles_first_step']} / {pd['recompiles']} ({counter}, DP); "
-            f"{pn['compiles_first_step']} / {pn['recompiles']} (NP)"
-        )
-        feed = pd["feed_median_s"]
-        share = " / ".join(
-            "-" if not (feed and s) else f"{feed / s:.1%}"
-            for s in (pn["step_median_s"], pd["step_median_s"])
-        )
-        shapes = "; ".join("x".join(map(str, s)) for s in pd["distinct_shapes"])
+        st, w = r["steady"], r["warm"]
         lines.append(
             f"| {r['backend']} | {label} | {ms(st['nonprivate']['median_s'])} | "
-            f"{ms(st['dp']['median_s'])} | **{r['ratio']:.2f}x** | "
+            f"{ms(st['dp']['median_s'])} | {_reps.ratio_cell(r)} | "
             f"{w['nonprivate']['first_step_s']:.1f} / {w['dp']['first_step_s']:.1f} | "
             f"{w['nonprivate']['peak_rss_mb']:.0f} / {w['dp']['peak_rss_mb']:.0f} | "
-            f"{ms(pn['step_median_s'])} / {ms(pd['step_median_s'])}, "
-            f"{pd['physical_batch_size']} | "
-            f"{shapes} / {pd['distinct_batch_sizes']} | {compiles} | "
-            f"{feed * 1e3:.1f} / {pd['feed_augment_median_s'] * 1e3:.1f} | {share} |"
+            f"{poisson_cells(r.get('poisson'))} |"
         )
     return lines
+
+
+def poisson_cells(p: dict | None) -> str:
+    """The Poisson phase's five cells ("-" where no repetition measured it)."""
+    if not p:
+        return " | ".join("-" * 5)
+    pn, pd = p["nonprivate"], p["dp"]
+    counter = pd["compile_counter"]
+    compiles = (
+        "n/a (eager)"
+        if pd["compiles_first_step"] is None
+        else f"{pd['compiles_first_step']} / {pd['recompiles']} ({counter}, DP); "
+        f"{pn['compiles_first_step']} / {pn['recompiles']} (NP)"
+    )
+    feed = pd["feed_median_s"]
+    share = " / ".join(
+        "-" if not (feed and s) else f"{feed / s:.1%}"
+        for s in (pn["step_median_s"], pd["step_median_s"])
+    )
+    shapes = "; ".join("x".join(map(str, s)) for s in pd["distinct_shapes"])
+    return (
+        f"{ms(pn['step_median_s'])} / {ms(pd['step_median_s'])}, {pd['physical_batch_size']} | "
+        f"{shapes} / {pd['distinct_batch_sizes']} | {compiles} | "
+        f"{feed * 1e3:.1f} / {pd['feed_augment_median_s'] * 1e3:.1f} | {share}"
+    )
 
 
 INTRO = (
@@ -362,24 +387,34 @@ INTRO = (
 )
 
 
-def run_lines(meta: dict, runs: list[dict], json_path: Path) -> list[str]:
-    """One results file: its setup line, a table per batch size, goals, notes and versions."""
+def thread_counts(meta: dict) -> list[int]:
+    """The run's thread counts (a results JSON from before repetitions holds one int)."""
+    t = meta["args"]["threads"]
+    return list(t) if isinstance(t, list) else [t]
+
+
+def setup_line(meta: dict, runs: list[dict], shown) -> str:
+    """The run's settings, repetitions and load in one paragraph."""
     a = meta["args"]
-    shown = json_path.relative_to(ROOT) if json_path.is_relative_to(ROOT) else json_path
     ok = [r for r in runs if "error" not in r]
     loads = [r["loadavg_start"][0] for r in ok] + [r["loadavg_end"][0] for r in ok]
-    devices = sorted({str(r["device"]) for r in ok}) or ["?"]
-    accel = [d for d in devices if not is_cpu(d)]
-    lines = [
-        f"### {', '.join(accel) if accel else 'CPU: ' + meta['cpu']} "
-        f"(width {a['width']}, {a['image_size']} px, {a['threads']} thread(s))",
-        "",
+    reps = a.get("reps", 1)
+    threads = " and ".join(map(str, thread_counts(meta)))
+    text = (
         f"{meta['date']}; host CPU {meta['cpu']}, {meta['usable_cores']} usable cores, "
-        f"{a['threads']} thread(s) per backend; ResNet-18 (GroupNorm, at most {a['groups']} "
+        f"{threads} thread(s) per backend; ResNet-18 (GroupNorm, at most {a['groups']} "
         f"groups) width {a['width']}, {a['image_size']} px, {a['num_classes']} classes; "
         f"{a['warmup']} warm-up step(s) (the first is the compile step), median of "
-        f"{a['steps']} interleaved steady steps of each kind; Poisson plan n = {a['n_train']}, "
-        f"{a['poisson_steps']} steps; P = "
+        f"{a['steps']} interleaved steady steps of each kind"
+        + (
+            f"; {reps} repetitions (worker processes, rows in rotating order; the ratio is the "
+            "median over them, its range in brackets, step times the median of their medians)"
+            if reps > 1
+            else "; one repetition"
+        )
+        + f"; Poisson plan n = {a['n_train']}, {a['poisson_steps']} steps"
+        + (" (first repetition only)" if reps > 1 else "")
+        + "; P = "
         + (str(a["physical"]) if a.get("physical") else "the runner's default")
         + "".join(
             f"; rows re-measured or added {x['date']} (load {x['loadavg_start'][0]:.1f})"
@@ -388,56 +423,44 @@ def run_lines(meta: dict, runs: list[dict], json_path: Path) -> list[str]:
         + f". Raw data: `{shown}`. 1-minute load average "
         f"{meta['loadavg_start'][0]:.1f} at the start, {meta['loadavg_end'][0]:.1f} at the end"
         + (f" ({min(loads):.1f}-{max(loads):.1f} across workers)" if loads else "")
-        + load_note(meta, loads, a["threads"])
-        + "; the ratios come from interleaved steps in one process and are the robust figure.",
+    )
+    if "contention" not in meta:  # a run from before /proc/stat windows: the load says it all
+        threads_max = max(thread_counts(meta))
+        return (
+            text
+            + load_note(meta, loads, threads_max)
+            + ("; the ratios come from interleaved steps in one process and are the robust figure.")
+        )
+    c = meta["contention"]
+    return (
+        text + f". Other processes took at most {c['max_others']:.1%} and steal "
+        f"{c['max_steal']:.1%} of the CPUs' time in a worker's steady window (/proc/stat): "
+        + (
+            "contended (" + "; ".join(c["reasons"]) + "), so the ratios are not the idle figure."
+            if c["reasons"]
+            else "the machine was ours."
+        )
+    )
+
+
+def run_lines(meta: dict, runs: list[dict], json_path: Path) -> list[str]:
+    """One results file: its setup line, a table per batch size and thread count, goals, notes
+    and versions."""
+    a = meta["args"]
+    shown = json_path.relative_to(ROOT) if json_path.is_relative_to(ROOT) else json_path
+    rows = _reps.aggregate(runs)
+    ok = [r for r in rows if "error" not in r]
+    devices = sorted({str(r["device"]) for r in ok}) or ["?"]
+    accel = [d for d in devices if not is_cpu(d)]
+    lines = [
+        f"### {', '.join(accel) if accel else 'CPU: ' + meta['cpu']} "
+        f"(width {a['width']}, {a['image_size']} px)",
+        "",
+        setup_line(meta, runs, shown),
     ]
     for batch in a["batch_sizes"]:
-        rows = [r for r in runs if r["batch_size"] == batch and r.get("code") != BASELINE]
-        if not rows:
-            continue
-        # One table per device: a backend that fell back to the CPU never sits under a GPU's.
-        by_device: dict[str, list[dict]] = {}
-        for r in rows:
-            by_device.setdefault(str(r.get("device", "not measured")), []).append(r)
-        for dev, dev_rows in sorted(by_device.items(), key=lambda kv: is_cpu(kv[0])):
-            fallback = accel and is_cpu(dev)
-            lines += [
-                "",
-                f"Batch {batch}, device {dev}"
-                + (" (CPU fallback: not comparable with the rows above)" if fallback else "")
-                + ":",
-                "",
-                *table(dev_rows),
-            ]
-        lines += before_after([r for r in runs if r["batch_size"] == batch], meta)
-        good = [r for r in rows if "error" not in r]
-        above = [r for r in good if r["ratio"] > GOAL]
-        lines += [
-            "",
-            f"Goal DP <= {GOAL:g}x non-private: "
-            + (
-                "met by every mode measured."
-                if good and not above
-                else "above it: "
-                + ", ".join(f"{r['backend']} {r['mode']} {r['ratio']:.2f}x" for r in above)
-                + "."
-            ),
-        ]
-        for r in above:
-            if r["mode"] in WHY:
-                lines.append(f"- {r['mode']}: {WHY[r['mode']]}")
-        shares = [
-            r["poisson"]["dp"]["feed_median_s"] / r["poisson"]["nonprivate"]["step_median_s"]
-            for r in good
-            if r["poisson"]["nonprivate"]["step_median_s"]
-        ]
-        if shares:
-            lines += [
-                "",
-                f"Feed goal < {FEED_GOAL:.0%} of the step: the feed takes at most "
-                f"{max(shares):.2%} of a non-private step (the stricter denominator): "
-                f"{'met' if max(shares) < FEED_GOAL else 'missed'}.",
-            ]
+        for threads in thread_counts(meta):
+            lines += batch_lines(rows, batch, threads, meta, accel)
     versions: dict[str, dict] = {}
     for r in ok:
         versions.setdefault(r["backend"], r["versions"])
@@ -447,10 +470,61 @@ def run_lines(meta: dict, runs: list[dict], json_path: Path) -> list[str]:
     return lines
 
 
-def before_after(runs: list[dict], meta: dict) -> list[str]:
+def batch_lines(rows: list[dict], batch: int, threads: int, meta: dict, accel) -> list[str]:
+    """The tables, before/after, goal and notes of one batch size at one thread count."""
+    mine = [r for r in rows if r["batch_size"] == batch and r.get("threads", threads) == threads]
+    current = [r for r in mine if r.get("code") != BASELINE]
+    if not current:
+        return []
+    lines = []
+    # One table per device: a backend that fell back to the CPU never sits under a GPU's.
+    by_device: dict[str, list[dict]] = {}
+    for r in current:
+        by_device.setdefault(str(r.get("device", "not measured")), []).append(r)
+    for dev, dev_rows in sorted(by_device.items(), key=lambda kv: is_cpu(kv[0])):
+        fallback = accel and is_cpu(dev)
+        lines += [
+            "",
+            f"Batch {batch}, {threads} thread(s), device {dev}"
+            + (" (CPU fallback: not comparable with the rows above)" if fallback else "")
+            + ":",
+            "",
+            *table(dev_rows),
+        ]
+    lines += before_after(mine, meta)
+    good = [r for r in current if "error" not in r]
+    above = [r for r in good if r["ratio"] > GOAL]
+    lines += [
+        "",
+        f"Goal DP <= {GOAL:g}x non-private ({threads} thread(s)): "
+        + (
+            "met by every mode measured."
+            if good and not above
+            else "above it: "
+            + ", ".join(f"{r['backend']} {r['mode']} {r['ratio']:.2f}x" for r in above)
+            + "."
+        ),
+    ]
+    lines += [f"- {r['mode']}: {WHY[r['mode']]}" for r in above if r["mode"] in WHY]
+    shares = [
+        r["poisson"]["dp"]["feed_median_s"] / r["poisson"]["nonprivate"]["step_median_s"]
+        for r in good
+        if r.get("poisson") and r["poisson"]["nonprivate"]["step_median_s"]
+    ]
+    if shares:
+        lines += [
+            "",
+            f"Feed goal < {FEED_GOAL:.0%} of the step: the feed takes at most "
+            f"{max(shares):.2%} of a non-private step (the stricter denominator): "
+            f"{'met' if max(shares) < FEED_GOAL else 'missed'}.",
+        ]
+    return lines
+
+
+def before_after(rows: list[dict], meta: dict) -> list[str]:
     """The --baseline table: each mode's step times with the baseline's code and this tree's."""
     pairs: dict[tuple, dict] = {}
-    for r in runs:
+    for r in rows:
         if "error" not in r and r.get("code"):
             pairs.setdefault((r["backend"], json.dumps(r["options"])), {})[r["code"]] = r
     pairs = {k: v for k, v in pairs.items() if len(v) == 2}
@@ -460,10 +534,11 @@ def before_after(runs: list[dict], meta: dict) -> list[str]:
         "",
         f"Before / after (`--baseline {meta.get('baseline', '?')}`): each mode measured with the "
         "baseline's code and with this tree's, back to back in one run (which went first "
-        "alternates from mode to mode); after / before < 1 is faster.",
+        "alternates from mode to mode and repetition to repetition); after / before < 1 is "
+        "faster.",
         "",
         "| backend | mode (options) | NP ms before / after | DP ms before / after | "
-        "DP after / before | ratio before / after |",
+        "DP after / before | ratio before / after (min-max) |",
         "|---|---|---:|---:|---:|---:|",
     ]
     for (backend, _), v in pairs.items():
@@ -473,7 +548,7 @@ def before_after(runs: list[dict], meta: dict) -> list[str]:
         lines.append(
             f"| {backend} | {c['mode']} ({options_label(c['options'])}) | "
             f"{ms(np_[0])} / {ms(np_[1])} | {ms(dp[0])} / {ms(dp[1])} | "
-            f"**{dp[1] / dp[0]:.2f}** | {b['ratio']:.2f}x / {c['ratio']:.2f}x |"
+            f"**{dp[1] / dp[0]:.2f}** | {_reps.ratio_cell(b)} / {_reps.ratio_cell(c)} |"
         )
     return lines
 
@@ -526,7 +601,26 @@ def main(argv=None) -> None:
     parser.add_argument("--warmup", type=int, default=2, help="steps before timing (1st timed)")
     parser.add_argument("--poisson-steps", type=int, default=8)
     parser.add_argument("--n-train", type=int, default=10_000, help="Poisson plan: q = B / n")
-    parser.add_argument("--threads", type=int, default=usable_cores())
+    parser.add_argument(
+        "--threads",
+        type=int,
+        nargs="+",
+        default=sorted({1, usable_cores()}),
+        help="thread counts, each a table (default: 1, the robust figure, and all usable cores)",
+    )
+    parser.add_argument(
+        "--reps", type=int, default=3, help="repetitions of every row (worker processes)"
+    )
+    parser.add_argument(
+        "--quick",
+        action="store_true",
+        help=f"a check, not the doc's figure: {' '.join(QUICK)}, never rewrites the doc",
+    )
+    parser.add_argument(
+        "--allow-contended",
+        action="store_true",
+        help="rewrite the doc even from a contended run (its section then says so)",
+    )
     parser.add_argument("--backends", help="comma-separated (default: every one with a venv)")
     parser.add_argument("--modes", help="JSON {backend: [options, ...]} replacing MODES entries")
     parser.add_argument(
@@ -550,14 +644,24 @@ def main(argv=None) -> None:
         help="no run: rewrite the doc section from this results JSON (and its neighbours)",
     )
     args = parser.parse_args(argv)
+    if args.quick:
+        args = parser.parse_args([*(argv if argv is not None else sys.argv[1:]), *QUICK])
+        args.no_write = True
     if args.render:
+        reasons = (json_meta(args.render).get("contention") or {}).get("reasons")
+        if reasons and not (args.allow_contended or args.no_write):
+            raise SystemExit(
+                f"--render {args.render}: a contended run ({'; '.join(reasons)}); the doc is "
+                "left alone (--allow-contended to write it anyway, labelled)"
+            )
         text = section(saved_results(args.render))
         print(text)
         if not args.no_write:
             write_section(text)
         return
-    if min(args.batch_size) < 1 or args.steps < 1 or args.threads < 1:
-        parser.error("expected --batch-size, --steps and --threads >= 1")
+    if min(args.batch_size) < 1 or args.steps < 1 or min(args.threads) < 1 or args.reps < 1:
+        parser.error("expected --batch-size, --steps, --threads and --reps >= 1")
+    args.threads = list(dict.fromkeys(args.threads))
     modes = parse_modes(args.modes)
     chosen = select_backends(args.backends, parse_pythons(args.python))
     if not chosen:
@@ -585,13 +689,11 @@ def main(argv=None) -> None:
             "poisson_steps": args.poisson_steps,
             "n_train": args.n_train,
             "threads": args.threads,
+            "reps": args.reps,
             "seed": args.seed,
         },
     }
     runs: list[dict] = []
-    if args.append:
-        meta, runs = appended_to(args.append, meta)
-        args.out = args.append
     codes = {CURRENT: None}
     if args.baseline:
         src = args.baseline.resolve() / "src"
@@ -599,48 +701,109 @@ def main(argv=None) -> None:
             raise SystemExit(f"--baseline {args.baseline}: no src/dpscale; expected a checkout")
         codes = {BASELINE: src, CURRENT: None}
         meta["baseline"] = str(args.baseline.resolve())
+    rows = [
+        (batch, name, python, options)
+        for batch in args.batch_size
+        for name, python in chosen
+        for options in modes.get(name, [{}])
+    ]
+    plan = _reps.schedule(list(range(len(rows))), args.reps, args.threads, list(codes))
+    if args.append:
+        meta, runs = appended_to(args.append, meta)
+        measured = {(b, n, json.dumps(o, sort_keys=True)) for b, n, _, o in rows}
+        # A re-measured mode replaces all its old repetitions.
+        runs = [
+            r
+            for r in runs
+            if (r["batch_size"], r["backend"], json.dumps(r["options"], sort_keys=True))
+            not in measured
+        ]
+    partial = RESULTS / f"partial-steps-{time.strftime('%Y%m%d-%H%M%S')}.json"
     with tempfile.TemporaryDirectory(prefix="dpscale-steps-") as tmp:
-        for batch in args.batch_size:
-            for name, python in chosen:
-                # With a baseline, which code goes first alternates from mode to mode.
-                # A backend the baseline does not have is measured with this tree only.
-                order = [c for c, src in codes.items() if src is None or has_backend(src, name)]
-                for options, code in (
-                    (o, c)
-                    for i, o in enumerate(modes.get(name, [{}]))
-                    for c in (order[::-1] if i % 2 else order)
-                ):
-                    print(f"{name} {options_label(options)}, batch {batch}, {code}:", flush=True)
-                    started = time.strftime("%Y-%m-%d %H:%M %Z")
-                    r = {
-                        **run_worker(python, name, options, batch, args, Path(tmp), codes[code]),
-                        "started": started,
-                        "code": code,
-                    }
-                    same = [
-                        i
-                        for i, old in enumerate(runs)
-                        if (old["backend"], old["options"], old["batch_size"], old.get("code"))
-                        == (name, options, batch, code)
-                    ]
-                    if same:  # --append: a re-measured mode replaces its old row in place
-                        runs[same[0]] = r
-                    else:
-                        runs.append(r)
-                    if "error" in r:
-                        print(f"    failed: {r['error']}", flush=True)
-                    else:
-                        st = r["steady"]
-                        print(
-                            f"    {r['mode']}: non-private {ms(st['nonprivate']['median_s'])} ms,"
-                            f" DP {ms(st['dp']['median_s'])} ms, ratio {r['ratio']:.2f}x "
-                            f"({r['worker_wall_s']:.0f} s)",
-                            flush=True,
-                        )
-                    # After every worker, so a long run interrupted keeps what it measured.
-                    out, text = save(meta, runs, args)
+        for n, (rep, threads, row, code) in enumerate(plan, 1):
+            batch, name, python, options = rows[row]
+            if codes[code] is not None and not has_backend(codes[code], name):
+                continue  # a backend the baseline does not have: this tree only
+            print(
+                f"[{n}/{len(plan)}] rep {rep + 1}/{args.reps}, {threads} thread(s): {name} "
+                f"{options_label(options)}, batch {batch}, {code}:",
+                flush=True,
+            )
+            started = time.strftime("%Y-%m-%d %H:%M %Z")
+            poisson = args.poisson_steps if rep == 0 else 0  # not in the ratio: measured once
+            r = run_worker(
+                python, name, options, batch, args, Path(tmp), codes[code], threads, poisson
+            )
+            runs.append({**r, "started": started, "code": code, "rep": rep})
+            print(f"    {worker_summary(r)}", flush=True)
+            # After every worker, so a long run interrupted keeps what it measured.
+            write_json(partial, meta, runs)
+    finish(meta, runs, args, partial)
+
+
+def worker_summary(r: dict) -> str:
+    """One line per worker: its ratio and what else ran meanwhile."""
+    c = r.get("steady_contention") or r.get("contention")
+    busy = f", others {c['others']:.1%}, steal {c['steal']:.1%}" if c else ""
+    if "error" in r:
+        return f"failed: {r['error']}{busy}"
+    st = r["steady"]
+    return (
+        f"{r['mode']}: non-private {ms(st['nonprivate']['median_s'])} ms, DP "
+        f"{ms(st['dp']['median_s'])} ms, ratio {r['ratio']:.2f}x ({r['worker_wall_s']:.0f} s"
+        f"{busy})"
+    )
+
+
+def run_verdict(meta: dict, runs: list[dict]) -> dict:
+    """meta["contention"]: the worst windows of this run's workers and why it is contended."""
+    ok = [r for r in runs if "error" not in r]
+    windows = [r.get(k) for r in ok for k in ("steady_contention", "contention")]
+    seen = [w for w in windows if w]
+    return {
+        "max_others": max((w["others"] for w in seen), default=0.0),
+        "max_steal": max((w["steal"] for w in seen), default=0.0),
+        "limits": {
+            "others": _contention.MAX_OTHERS,
+            "steal": _contention.MAX_STEAL,
+            "start_load": _contention.MAX_START_LOAD,
+        },
+        "reasons": _contention.verdict(meta["loadavg_start"][0], windows),
+    }
+
+
+def timing_summary(runs: list[dict]) -> str:
+    """Where the run's time went: the first repetition (with the Poisson phase) and the others."""
+    by_rep: dict[int, float] = {}
+    for r in runs:
+        by_rep[r.get("rep", 0)] = by_rep.get(r.get("rep", 0), 0.0) + r["worker_wall_s"]
+    return f"workers took {sum(by_rep.values()) / 60:.1f} min: " + ", ".join(
+        f"repetition {rep + 1} {s / 60:.1f} min" for rep, s in sorted(by_rep.items())
+    )
+
+
+def finish(meta: dict, runs: list[dict], args, partial: Path) -> None:
+    """The verdict, the JSON where it belongs, and the doc section if the run may write it."""
+    meta["contention"] = run_verdict(meta, runs)
+    reasons = meta["contention"]["reasons"]
+    out = args.out or args.append or RESULTS / f"steps-{device_tag(runs)}.json"
+    if reasons and out.resolve().parent == RESULTS.resolve() and out.name.startswith("steps-"):
+        # Never where --render and the doc pick results up (steps-*.json beside it).
+        out = RESULTS / f"contended-{out.stem}-{partial.stem.removeprefix('partial-steps-')}.json"
+    write_json(out, meta, runs)
+    partial.unlink(missing_ok=True)
+    text = section(saved_results(out))
     print("\n" + text)
-    print(f"\nresults in {out}" + ("" if args.no_write else f"; section written to {DOC}"))
+    print(f"\n{timing_summary(runs)}\nresults in {out}")
+    if reasons:
+        print("contended run: " + "; ".join(reasons), flush=True)
+    if args.no_write:
+        pass
+    elif reasons and not args.allow_contended:
+        print(f"{DOC} left alone (--allow-contended to write it anyway, labelled)")
+    else:
+        write_section(text)
+        print(f"section written to {DOC}")
     sys.exit(1 if any("error" in r for r in runs) else 0)
 
 
@@ -670,19 +833,21 @@ def appended_to(path: Path, meta: dict) -> tuple[dict, list[dict]]:
     return old_meta, runs
 
 
-def save(meta: dict, runs: list[dict], args) -> tuple[Path, str]:
-    """Write the JSON (small: per-step lists dropped) and, unless --no-write, the doc section."""
+def write_json(out: Path, meta: dict, runs: list[dict]) -> None:
+    """The results JSON (small: per-step lists dropped)."""
     meta["loadavg_end"] = list(os.getloadavg())
-    out = args.out or RESULTS / f"steps-{device_tag(runs)}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     for r in runs:
         for kind in (*r.get("steady", {}).values(), *r.get("poisson", {}).values()):
             kind.pop("step_s", None)
     out.write_text(json.dumps({"meta": meta, "runs": runs}, indent=1) + "\n")
-    text = section(saved_results(out))
-    if not args.no_write:
-        write_section(text)
-    return out, text
+
+
+def json_meta(path: Path) -> dict:
+    try:
+        return json.loads(Path(path).read_text())["meta"]
+    except (OSError, json.JSONDecodeError, KeyError, TypeError) as err:
+        raise SystemExit(f"{path}: {err}; expected a steps.py results JSON") from None
 
 
 if __name__ == "__main__":
