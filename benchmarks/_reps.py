@@ -78,10 +78,11 @@ def aggregate(runs: list[dict]) -> list[dict]:
     return out
 
 
-def ratio_cell(row: dict) -> str:
+def ratio_cell(row: dict, bold: bool = True) -> str:
     """'**1.97x** (1.90-2.05)' for R > 1 repetitions, '**1.97x**' for one."""
     s = row.get("ratio_spread")
-    text = f"**{row['ratio']:.2f}x**"
+    text = f"{row['ratio']:.2f}x"
+    text = f"**{text}**" if bold else text
     if s and s["n"] > 1:
         text += f" ({s['min']:.2f}-{s['max']:.2f})"
     return text

@@ -5,17 +5,26 @@ and a built venv (dpscale.envs; build one with `.venv/bin/python -m dpscale.envs
 DP mode it offers (adapter options, MODES below), runs benchmarks/_step_worker.py inside that
 backend's venv, which measures in one process the steady-state step time of a DP and of a
 non-private step (interleaved, so both see the same load), compile / first-step time, peak RSS,
-recompiles under a real Poisson plan and the runner's feed time. Writes
-benchmarks/results/steps-<device>.json and the "## DP-SGD steps" section of docs/benchmarks.md.
+recompiles under a real Poisson plan and the runner's feed time.
 
-    .venv/bin/python benchmarks/steps.py --width 16 --image-size 32 --batch-size 64 --steps 10
-        [--threads N] [--backends opacus,jax] [--python jax=/path/to/python] [--no-write]
+Every row is measured --reps times (default 3) at each --threads count (default 1, the robust
+figure, and all usable cores), by separate workers in an interleaved order (benchmarks/_reps.py);
+a row's ratio is the median over its repetitions, with their range. /proc/stat windows around
+each worker and its timed steps (benchmarks/_contention.py) say how much of the CPUs' time other
+processes and the hypervisor took: a run above the limits is contended, its JSON is kept as
+benchmarks/results/contended-steps-*.json and docs/benchmarks.md is left alone (the reasons are
+printed). A clean run writes benchmarks/results/steps-<device>.json and the "## DP-SGD steps"
+section of docs/benchmarks.md.
+
+    .venv/bin/python benchmarks/steps.py [--reps 3] [--threads 1 2] [--steps 10]
+        [--backends opacus,jax] [--python jax=/path/to/python] [--no-write] [--quick]
         [--modes '{"opacus": [{"grad_sample_mode": "ghost"}]}'] [--baseline DIR]
     .venv/bin/python benchmarks/steps.py --render benchmarks/results/steps-cpu.json  # doc only
 
 --baseline DIR (another checkout, e.g. `git worktree add /tmp/old <rev>`) measures every row
-twice, back to back in alternating order: once with DIR/src first on the workers' path, once
-with this tree's, and adds a before/after table (same run, same load) to the section.
+with DIR/src first on the workers' path and with this tree's, back to back in each repetition
+(which goes first alternates), and adds a before/after table (same run, same load) to the
+section. --quick is a check of the ratios, not the doc's figure (see QUICK).
 """
 
 from __future__ import annotations
@@ -382,8 +391,22 @@ INTRO = (
     "shapes and batch sizes, compiles during its first step and after it (jax: backend-compile "
     "events, tf: tf.function traces, torch: eager, n/a; the shape P is already compiled, so both "
     "should be 0), and the feed's time per step. Step times include the adapter's host-to-"
-    "framework copies. Nothing is asserted. Each table is one run on one machine "
-    "(`benchmarks/results/steps-<device>.json`); a run on another device adds its own table."
+    "framework copies. Nothing is asserted.\n\n"
+    "Repetitions and contention: each row is measured R times (default 3) at 1 thread (the "
+    "robust figure) and at all usable cores, by separate workers, repetition by repetition with "
+    "the rows in an order rotated by one each time; the table's ratio is the median over the "
+    "repetitions with their range (min-max), the step times the median of their medians, and "
+    "the Poisson columns come from the first repetition (the only one that measures them). "
+    "/proc/stat is sampled around every worker and around its timed steps: the share of the "
+    "usable CPUs' time that other processes took (busy time less the worker's own CPU time and "
+    "steal) and steal itself. A shared core slows the non-private step more than the DP step "
+    "(issue 20), so a run whose 1-minute load average exceeds 0.5 before its first worker, or "
+    "in which other processes took over 5% or steal over 2% of the CPUs' time in any window, "
+    "is contended: its JSON is kept (`benchmarks/results/contended-steps-*.json`) and this "
+    "section is not rewritten from it. Each table is one run on one machine "
+    "(`benchmarks/results/steps-<device>.json`); a run on another device adds its own table. "
+    "Tables from runs before repetitions (one repetition, one thread count) say their load "
+    "in their header."
 )
 
 
@@ -548,7 +571,8 @@ def before_after(rows: list[dict], meta: dict) -> list[str]:
         lines.append(
             f"| {backend} | {c['mode']} ({options_label(c['options'])}) | "
             f"{ms(np_[0])} / {ms(np_[1])} | {ms(dp[0])} / {ms(dp[1])} | "
-            f"**{dp[1] / dp[0]:.2f}** | {_reps.ratio_cell(b)} / {_reps.ratio_cell(c)} |"
+            f"**{dp[1] / dp[0]:.2f}** | "
+            f"{_reps.ratio_cell(b, bold=False)} / {_reps.ratio_cell(c, bold=False)} |"
         )
     return lines
 
