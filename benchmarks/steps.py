@@ -796,14 +796,24 @@ def run_verdict(meta: dict, runs: list[dict]) -> dict:
     }
 
 
+def own_cpu_s(window: dict | None) -> float | None:
+    """CPU seconds of the measured process tree in a /proc/stat window."""
+    return window["own"] * window["cpus"] * window["seconds"] if window else None
+
+
 def timing_summary(runs: list[dict]) -> str:
-    """Where the run's time went: the first repetition (with the Poisson phase) and the others."""
-    by_rep: dict[int, float] = {}
+    """Where the run's time went, by repetition, and the workers' own CPU time: on an idle
+    machine a 1-thread worker's wall time is about its CPU time, whatever the load was here."""
+    wall: dict[int, float] = {}
     for r in runs:
-        by_rep[r.get("rep", 0)] = by_rep.get(r.get("rep", 0), 0.0) + r["worker_wall_s"]
-    return f"workers took {sum(by_rep.values()) / 60:.1f} min: " + ", ".join(
-        f"repetition {rep + 1} {s / 60:.1f} min" for rep, s in sorted(by_rep.items())
+        wall[r.get("rep", 0)] = wall.get(r.get("rep", 0), 0.0) + r["worker_wall_s"]
+    cpu = [own_cpu_s(r.get("contention")) for r in runs if r.get("threads") == 1]
+    text = f"workers took {sum(wall.values()) / 60:.1f} min: " + ", ".join(
+        f"repetition {rep + 1} {s / 60:.1f} min" for rep, s in sorted(wall.items())
     )
+    if cpu and None not in cpu:
+        text += f"; the 1-thread workers used {sum(cpu) / 60:.1f} min of CPU"
+    return text
 
 
 def finish(meta: dict, runs: list[dict], args, partial: Path) -> None:
