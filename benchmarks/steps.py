@@ -743,6 +743,7 @@ def main(argv=None) -> None:
             not in measured
         ]
     partial = RESULTS / f"partial-steps-{time.strftime('%Y%m%d-%H%M%S')}.json"
+    kept = len(runs)  # --append: the saved rows not re-measured
     with tempfile.TemporaryDirectory(prefix="dpscale-steps-") as tmp:
         for n, (rep, threads, row, code) in enumerate(plan, 1):
             batch, name, python, options = rows[row]
@@ -762,7 +763,7 @@ def main(argv=None) -> None:
             print(f"    {worker_summary(r)}", flush=True)
             # After every worker, so a long run interrupted keeps what it measured.
             write_json(partial, meta, runs)
-    finish(meta, runs, args, partial)
+    finish(meta, runs, kept, args, partial)
 
 
 def worker_summary(r: dict) -> str:
@@ -816,9 +817,10 @@ def timing_summary(runs: list[dict]) -> str:
     return text
 
 
-def finish(meta: dict, runs: list[dict], args, partial: Path) -> None:
-    """The verdict, the JSON where it belongs, and the doc section if the run may write it."""
-    meta["contention"] = run_verdict(meta, runs)
+def finish(meta: dict, runs: list[dict], kept: int, args, partial: Path) -> None:
+    """The verdict on this run's workers (runs[kept:]), the JSON where it belongs, and the doc
+    section if the run may write it."""
+    meta["contention"] = run_verdict(meta, runs[kept:])
     reasons = meta["contention"]["reasons"]
     out = args.out or args.append or RESULTS / f"steps-{device_tag(runs)}.json"
     if reasons and out.resolve().parent == RESULTS.resolve() and out.name.startswith("steps-"):
@@ -828,7 +830,7 @@ def finish(meta: dict, runs: list[dict], args, partial: Path) -> None:
     partial.unlink(missing_ok=True)
     text = section(saved_results(out))
     print("\n" + text)
-    print(f"\n{timing_summary(runs)}\nresults in {out}")
+    print(f"\n{timing_summary(runs[kept:])}\nresults in {out}")
     if reasons:
         print("contended run: " + "; ".join(reasons), flush=True)
     if args.no_write:
