@@ -118,3 +118,15 @@ def test_a_contended_run_leaves_the_doc_alone(saved, tmp_path, capsys):
     assert steps.DOC.read_text() == doc
     steps.main(["--render", str(path), "--no-write"])  # printing it is fine
     assert "contended" in capsys.readouterr().out
+
+
+def test_timing_summary_counts_walls_by_repetition_and_own_cpu(saved):
+    runs = _repeated(saved, [1.0, 1.0])["runs"]
+    window = {"own": 0.25, "cpus": 2, "seconds": 60.0}  # 30 CPU seconds
+    for r in runs:
+        r["contention"] = window
+    first = sum(r["worker_wall_s"] for r in runs if r["rep"] == 0)
+    text = steps.timing_summary(runs)
+    assert f"repetition 1 {first / 60:.1f} min" in text
+    assert f"used {len(runs) * 30 / 60:.1f} min of CPU" in text
+    assert steps.own_cpu_s(None) is None
