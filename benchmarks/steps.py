@@ -16,7 +16,7 @@ benchmarks/results/contended-steps-*.json and docs/benchmarks.md is left alone (
 printed). A clean run writes benchmarks/results/steps-<device>.json and the "## DP-SGD steps"
 section of docs/benchmarks.md.
 
-    .venv/bin/python benchmarks/steps.py [--reps 3] [--threads 1 2] [--steps 10]
+    .venv/bin/python benchmarks/steps.py [--reps 3] [--threads 1 2] [--steps 6]
         [--backends opacus,jax] [--python jax=/path/to/python] [--no-write] [--quick]
         [--modes '{"opacus": [{"grad_sample_mode": "ghost"}]}'] [--baseline DIR]
     .venv/bin/python benchmarks/steps.py --render benchmarks/results/steps-cpu.json  # doc only
@@ -396,7 +396,8 @@ INTRO = (
     "robust figure) and at all usable cores, by separate workers, repetition by repetition with "
     "the rows in an order rotated by one each time; the table's ratio is the median over the "
     "repetitions with their range (min-max), the step times the median of their medians, and "
-    "the Poisson columns come from the first repetition (the only one that measures them). "
+    "the Poisson columns come from the first repetition at the first thread count (the only "
+    "worker of a row that runs the plan: it does not enter the ratio). "
     "/proc/stat is sampled around every worker and around its timed steps: the share of the "
     "usable CPUs' time that other processes took (busy time less the worker's own CPU time and "
     "steal) and steal itself. A shared core slows the non-private step more than the DP step "
@@ -406,7 +407,17 @@ INTRO = (
     "section is not rewritten from it. Each table is one run on one machine "
     "(`benchmarks/results/steps-<device>.json`); a run on another device adds its own table. "
     "Tables from runs before repetitions (one repetition, one thread count) say their load "
-    "in their header."
+    "in their header.\n\n"
+    "Cost: a worker's fixed part (interpreter, framework import, adapter build, both compiles) "
+    "dominates: measured 2026-12-03 as the workers' own CPU time (/proc/stat, under load 15), "
+    "it is ~7 CPU-minutes per pass over the 13 CPU rows (5-16 s for torch and jax, 50-75 s "
+    "for TF Privacy, Objax and JAX Privacy) plus ~31 s per steady step pair (DP + non-"
+    "private) over all rows. The default run (3 repetitions x 2 thread counts = 6 passes, 6 "
+    "steady steps each, the Poisson phase once) adds up to ~67 CPU-minutes there; CPU time "
+    "under that load runs ~1.5-2x an idle machine's wall time, so expect ~35-45 minutes on an "
+    "idle 2-core machine (`--threads 1`: about half). `--quick` (1 thread, 2 repetitions of 6 "
+    "steps, no Poisson phase, never writes this section) is ~10-12 minutes; "
+    "`--backends`/`--modes` narrow any run."
 )
 
 
@@ -437,6 +448,7 @@ def setup_line(meta: dict, runs: list[dict], shown) -> str:
         )
         + f"; Poisson plan n = {a['n_train']}, {a['poisson_steps']} steps"
         + (" (first repetition only)" if reps > 1 else "")
+        + (f" at {thread_counts(meta)[0]} thread(s)" if len(thread_counts(meta)) > 1 else "")
         + "; P = "
         + (str(a["physical"]) if a.get("physical") else "the runner's default")
         + "".join(
@@ -477,7 +489,8 @@ def run_lines(meta: dict, runs: list[dict], json_path: Path) -> list[str]:
     accel = [d for d in devices if not is_cpu(d)]
     lines = [
         f"### {', '.join(accel) if accel else 'CPU: ' + meta['cpu']} "
-        f"(width {a['width']}, {a['image_size']} px)",
+        f"(width {a['width']}, {a['image_size']} px, "
+        f"{' and '.join(map(str, thread_counts(meta)))} thread(s))",
         "",
         setup_line(meta, runs, shown),
     ]
@@ -621,7 +634,9 @@ def main(argv=None) -> None:
         "--batch-size", type=int, nargs="+", default=[64], help="one or more, e.g. 64 256"
     )
     parser.add_argument("--physical", type=int, help="padded chunk size (default: the runner's)")
-    parser.add_argument("--steps", type=int, default=10, help="steady-state steps of each kind")
+    parser.add_argument(
+        "--steps", type=int, default=6, help="steady-state steps of each kind, per repetition"
+    )
     parser.add_argument("--warmup", type=int, default=2, help="steps before timing (1st timed)")
     parser.add_argument("--poisson-steps", type=int, default=8)
     parser.add_argument("--n-train", type=int, default=10_000, help="Poisson plan: q = B / n")
@@ -755,7 +770,8 @@ def main(argv=None) -> None:
                 flush=True,
             )
             started = time.strftime("%Y-%m-%d %H:%M %Z")
-            poisson = args.poisson_steps if rep == 0 else 0  # not in the ratio: measured once
+            # The Poisson phase is not in the ratio: once per row, at the first thread count.
+            poisson = args.poisson_steps if (rep, threads) == (0, args.threads[0]) else 0
             r = run_worker(
                 python, name, options, batch, args, Path(tmp), codes[code], threads, poisson
             )
