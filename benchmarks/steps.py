@@ -416,7 +416,8 @@ INTRO = (
     "steady steps each, the Poisson phase once) adds up to ~67 CPU-minutes there; CPU time "
     "under that load runs ~1.5-2x an idle machine's wall time, so expect ~35-45 minutes on an "
     "idle 2-core machine (`--threads 1`: about half). `--quick` (1 thread, 2 repetitions of 6 "
-    "steps, no Poisson phase, never writes this section) is ~10-12 minutes; "
+    "steps, no Poisson phase; never writes this section, its JSON is "
+    "`benchmarks/results/quick-steps-*.json`) is ~10-12 minutes; "
     "`--backends`/`--modes` narrow any run."
 )
 
@@ -600,7 +601,7 @@ def section(results: list[tuple[Path, dict, list[dict]]]) -> str:
 def saved_results(current: Path) -> list[tuple[Path, dict, list[dict]]]:
     """Every steps-*.json beside `current` (CPU and GPU tables side by side), `current` included."""
     files = {current.resolve()}
-    if current.resolve().parent == RESULTS.resolve():
+    if current.resolve().parent == RESULTS.resolve() and current.name.startswith("steps-"):
         files |= {f.resolve() for f in RESULTS.glob("steps-*.json")}
     out = []
     for f in sorted(files):
@@ -839,9 +840,11 @@ def finish(meta: dict, runs: list[dict], kept: int, args, partial: Path) -> None
     meta["contention"] = run_verdict(meta, runs[kept:])
     reasons = meta["contention"]["reasons"]
     out = args.out or args.append or RESULTS / f"steps-{device_tag(runs)}.json"
-    if reasons and out.resolve().parent == RESULTS.resolve() and out.name.startswith("steps-"):
+    picked_up = out.resolve().parent == RESULTS.resolve() and out.name.startswith("steps-")
+    kind = "contended" if reasons else "quick" if args.quick else None
+    if kind and picked_up:
         # Never where --render and the doc pick results up (steps-*.json beside it).
-        out = RESULTS / f"contended-{out.stem}-{partial.stem.removeprefix('partial-steps-')}.json"
+        out = RESULTS / f"{kind}-{out.stem}-{partial.stem.removeprefix('partial-steps-')}.json"
     write_json(out, meta, runs)
     partial.unlink(missing_ok=True)
     text = section(saved_results(out))

@@ -3,6 +3,7 @@ and a contended run that must leave docs/benchmarks.md alone. Numbers are a save
 
 from __future__ import annotations
 
+import argparse
 import copy
 import json
 import sys
@@ -130,3 +131,51 @@ def test_timing_summary_counts_walls_by_repetition_and_own_cpu(saved):
     assert f"repetition 1 {first / 60:.1f} min" in text
     assert f"used {len(runs) * 30 / 60:.1f} min of CPU" in text
     assert steps.own_cpu_s(None) is None
+
+
+def _finish(saved, tmp_path, monkeypatch, quick: bool, load: float, no_write: bool) -> Path:
+    """steps.finish on the saved run as 2 repetitions with quiet windows, in tmp_path; the doc."""
+    run = _repeated(saved, [1.0, 1.2])
+    run["meta"]["loadavg_start"][0] = load
+    quiet = {"others": 0.01, "steal": 0.0, "own": 0.5, "cpus": 2, "seconds": 30.0}
+    for r in run["runs"]:
+        r["contention"] = r["steady_contention"] = quiet
+    doc = tmp_path / "benchmarks.md"
+    doc.write_text("# Benchmarks\n")
+    monkeypatch.setattr(steps, "RESULTS", tmp_path)
+    monkeypatch.setattr(steps, "DOC", doc)
+    partial = tmp_path / "partial-steps-20261203-120000.json"
+    partial.write_text("{}")
+    args = argparse.Namespace(
+        out=None, append=None, quick=quick, no_write=no_write, allow_contended=False
+    )
+    with pytest.raises(SystemExit) as exit_:
+        steps.finish(run["meta"], run["runs"], 0, args, partial)
+    assert exit_.value.code == 0
+    assert not partial.exists()
+    return doc
+
+
+@pytest.mark.parametrize(
+    ("quick", "load", "kind"), [(False, 3.1, "contended"), (True, 0.0, "quick")]
+)
+def test_finish_keeps_contended_and_quick_runs_away_from_the_doc(
+    saved, tmp_path, monkeypatch, quick, load, kind
+):
+    doc = _finish(saved, tmp_path, monkeypatch, quick, load, no_write=quick)
+    assert not (tmp_path / "steps-cpu.json").exists()
+    (kept,) = tmp_path.glob(f"{kind}-steps-cpu-20261203-120000.json")
+    reasons = json.loads(kept.read_text())["meta"]["contention"]["reasons"]
+    if quick:
+        assert reasons == []
+    else:
+        assert len(reasons) == 1 and "load average 3.10" in reasons[0]
+    assert doc.read_text() == "# Benchmarks\n"
+
+
+def test_finish_writes_a_clean_run_and_the_doc(saved, tmp_path, monkeypatch):
+    doc = _finish(saved, tmp_path, monkeypatch, quick=False, load=0.1, no_write=False)
+    meta = json.loads((tmp_path / "steps-cpu.json").read_text())["meta"]
+    assert meta["contention"]["reasons"] == []
+    text = doc.read_text()
+    assert "## DP-SGD steps" in text and "the machine was ours" in text
