@@ -6,7 +6,7 @@ CORES ?= all
 # cpu or cuda: which requirement files `make envs` builds (workflow/envs/ or workflow/envs/cuda/)
 ACCELERATOR ?= cpu
 
-.PHONY: run test test-system envs lint format clean
+.PHONY: run test test-system envs lint format clean bench
 
 EXP := $(shell sed -n 's/^experiment: *//p' config/config.yaml)
 
@@ -38,6 +38,12 @@ format: $(BIN)/.installed
 	$(BIN)/ruff format .
 	$(BIN)/ruff check --fix .
 	$(BIN)/snakefmt workflow
+
+# The speed benchmarks (docs/benchmarks.md), on an idle machine: a contended run keeps its JSON
+# and leaves the doc alone. The step benchmark takes ~20 min on 2 idle cores.
+bench: $(BIN)/.installed
+	$(BIN)/python benchmarks/steps.py
+	$(BIN)/python benchmarks/profile_step.py
 
 $(BIN)/.installed: workflow/envs/base.txt pyproject.toml
 	$(PYTHON) -m venv $(VENV)

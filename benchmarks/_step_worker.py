@@ -15,7 +15,11 @@ Not a test and not for direct use: `steps.py` runs `<venv>/bin/python benchmarks
    shapes, chunk counts and real batch sizes, compiles during the plan's first step and after it
    (jax: backend-compile events; tf: tf.function trace counts; torch: eager, "n/a"); with one
    compiled shape P both should be 0. Step time and the feed's time per step (plain and with
-   augmentation).
+   augmentation). Skipped with --poisson-steps 0 (steps.py measures it in the first repetition
+   only: it does not enter the ratio).
+
+The steady phase is framed by /proc/stat samples (benchmarks/_contention.py): how much of the
+CPUs' time other processes and the hypervisor took while the ratio was measured.
 
 Frameworks are never imported here: compile probes use only modules the adapter already loaded.
 Progress lines go to stdout with the prefix "[worker]".
@@ -33,6 +37,7 @@ import time
 from pathlib import Path
 from statistics import median
 
+import _contention  # benchmarks/, this script's folder
 import numpy as np
 
 from dpscale import backends
@@ -223,6 +228,31 @@ def poisson_phase(adapter, probe, cfg, data, labels, batches, seed) -> dict:
     }
 
 
+def poisson_phases(adapters: dict, probe, configs: dict, rng, args) -> dict:
+    """poisson_phase of each adapter over one plan, from a memory-mapped uint8 array."""
+    n_train, size = args.n_train, args.image_size
+    batches = plan.epoch_plan(n_train, args.batch_size / n_train, args.poisson_steps, args.seed, 1)
+    out = {}
+    with tempfile.TemporaryDirectory(prefix="dpscale-steps-") as tmp:
+        # The runner memory-maps prepared uint8 arrays; so does this.
+        path = Path(tmp) / "images.npy"
+        np.save(path, rng.integers(0, 256, (n_train, size, size, 3), dtype=np.uint8))
+        images = np.load(path, mmap_mode="r")
+        labels = rng.integers(0, args.num_classes, n_train).astype(np.int64)
+        for key, cfg in configs.items():
+            p = out[key] = poisson_phase(
+                adapters[key], probe, cfg, images, labels, batches, args.seed
+            )
+            log(
+                f"poisson {key}: P={cfg.physical_batch_size}, {p['steps']} steps, batch sizes "
+                f"{p['batch_size_range']}, shapes {p['distinct_shapes']}, compiles "
+                f"{p['compiles_first_step']} in step 1 and {p['recompiles']} after "
+                f"({probe.kind}), feed {(p['feed_median_s'] or 0) * 1e3:.2f} ms"
+            )
+        del images
+    return out
+
+
 def run(args) -> dict:
     load_start = os.getloadavg()
     options = json.loads(args.options)
@@ -257,30 +287,13 @@ def run(args) -> dict:
             f"{phases[key]['first_step_s']:.2f} s, peak RSS {phases[key]['peak_rss_mb']:.0f} MB"
         )
     probe.attach(list(adapters.values()))  # after the imports; counts the Poisson phase only
+    before = _contention.sample()
     times = interleaved(adapters, batch, args.steps)
+    steady_window = _contention.window(before, _contention.sample())
 
     n_train = args.n_train
     q = b / n_train
-    batches = plan.epoch_plan(n_train, q, args.poisson_steps, args.seed, 1)
-    poisson = {}
-    with tempfile.TemporaryDirectory(prefix="dpscale-steps-") as tmp:
-        # The runner memory-maps prepared uint8 arrays; so does this.
-        path = Path(tmp) / "images.npy"
-        np.save(path, rng.integers(0, 256, (n_train, size, size, 3), dtype=np.uint8))
-        images = np.load(path, mmap_mode="r")
-        labels = rng.integers(0, args.num_classes, n_train).astype(np.int64)
-        for key, cfg in configs.items():
-            poisson[key] = poisson_phase(
-                adapters[key], probe, cfg, images, labels, batches, args.seed
-            )
-            p = poisson[key]
-            log(
-                f"poisson {key}: P={physical}, {p['steps']} steps, batch sizes "
-                f"{p['batch_size_range']}, shapes {p['distinct_shapes']}, compiles "
-                f"{p['compiles_first_step']} in step 1 and {p['recompiles']} after "
-                f"({probe.kind}), feed {(p['feed_median_s'] or 0) * 1e3:.2f} ms"
-            )
-        del images
+    poisson = poisson_phases(adapters, probe, configs, rng, args) if args.poisson_steps else {}
 
     dp = adapters["dp"]
     return {
@@ -303,6 +316,7 @@ def run(args) -> dict:
         },
         "ratio": median(times["dp"]) / median(times["nonprivate"]),
         "poisson": poisson,
+        "steady_contention": steady_window,
         "n_train": n_train,
         "sample_rate": q,
         "loadavg_start": list(load_start),
@@ -334,8 +348,8 @@ def main(argv=None) -> None:
         parser.error(f"--options {args.options!r} is not JSON ({err}); expected an object")
     if not isinstance(options, dict):
         parser.error(f"--options {args.options!r}; expected a JSON object")
-    if args.steps < 1 or args.poisson_steps < 2 or args.warmup < 1:
-        parser.error("expected --steps >= 1, --poisson-steps >= 2 and --warmup >= 1")
+    if args.steps < 1 or args.poisson_steps in (1,) or args.poisson_steps < 0 or args.warmup < 1:
+        parser.error("expected --steps >= 1, --poisson-steps 0 (skip) or >= 2, --warmup >= 1")
     if args.physical is not None and args.physical < args.batch_size:
         parser.error(f"--physical {args.physical}; expected >= --batch-size {args.batch_size}")
     if not 0 < args.batch_size <= args.n_train:

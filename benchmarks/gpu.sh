@@ -44,6 +44,6 @@ modes='{"opacus": [{"grad_sample_mode": "hooks"}, {"grad_sample_mode": "ghost"}]
   "jax": [{}], "tfprivacy": [{}], "objax": [{}]}'
 "$py" benchmarks/steps.py "${pythons[@]}" --backends reference,opacus,jax,tfprivacy,objax \
   --width 64 --image-size 64 --batch-size 256 1024 --physical 256 \
-  --steps 6 --warmup 2 --poisson-steps 4 --n-train 50000 --threads 16 --timeout 200 \
+  --steps 6 --warmup 2 --poisson-steps 4 --n-train 50000 --threads 16 --reps 1 --timeout 200 \
   --modes "$modes" --no-write --out "$out/steps-gpu.json" ||
   echo "gpu.sh: some rows failed or were not measured; the table says which and why"

@@ -5,17 +5,26 @@ and a built venv (dpscale.envs; build one with `.venv/bin/python -m dpscale.envs
 DP mode it offers (adapter options, MODES below), runs benchmarks/_step_worker.py inside that
 backend's venv, which measures in one process the steady-state step time of a DP and of a
 non-private step (interleaved, so both see the same load), compile / first-step time, peak RSS,
-recompiles under a real Poisson plan and the runner's feed time. Writes
-benchmarks/results/steps-<device>.json and the "## DP-SGD steps" section of docs/benchmarks.md.
+recompiles under a real Poisson plan and the runner's feed time.
 
-    .venv/bin/python benchmarks/steps.py --width 16 --image-size 32 --batch-size 64 --steps 10
-        [--threads N] [--backends opacus,jax] [--python jax=/path/to/python] [--no-write]
+Every row is measured --reps times (default 3) at each --threads count (default 1, the robust
+figure, and all usable cores), by separate workers in an interleaved order (benchmarks/_reps.py);
+a row's ratio is the median over its repetitions, with their range. /proc/stat windows around
+each worker and its timed steps (benchmarks/_contention.py) say how much of the CPUs' time other
+processes and the hypervisor took: a run above the limits is contended, its JSON is kept as
+benchmarks/results/contended-steps-*.json and docs/benchmarks.md is left alone (the reasons are
+printed). A clean run writes benchmarks/results/steps-<device>.json and the "## DP-SGD steps"
+section of docs/benchmarks.md.
+
+    .venv/bin/python benchmarks/steps.py [--reps 3] [--threads 1 2] [--steps 6]
+        [--backends opacus,jax] [--python jax=/path/to/python] [--no-write] [--quick]
         [--modes '{"opacus": [{"grad_sample_mode": "ghost"}]}'] [--baseline DIR]
     .venv/bin/python benchmarks/steps.py --render benchmarks/results/steps-cpu.json  # doc only
 
 --baseline DIR (another checkout, e.g. `git worktree add /tmp/old <rev>`) measures every row
-twice, back to back in alternating order: once with DIR/src first on the workers' path, once
-with this tree's, and adds a before/after table (same run, same load) to the section.
+with DIR/src first on the workers' path and with this tree's, back to back in each repetition
+(which goes first alternates), and adds a before/after table (same run, same load) to the
+section. --quick is a check of the ratios, not the doc's figure (see QUICK).
 """
 
 from __future__ import annotations
@@ -32,6 +41,9 @@ import tempfile
 import time
 from pathlib import Path
 
+import _contention  # benchmarks/, this script's folder
+import _reps
+
 from dpscale import backends, envs
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -42,6 +54,8 @@ SECTION = "DP-SGD steps"
 GOAL = 2.0  # issue 9: every backend's DP step <= 2x its non-private step on CPU, width 16, B 64
 FEED_GOAL = 0.05  # the runner's feed under 5% of the step time
 BASELINE, CURRENT = "baseline", "current"  # --baseline: which code a row measured
+# --quick: one thread, two repetitions of fewer steps, no Poisson phase (a check of the ratios).
+QUICK = ("--threads", "1", "--reps", "2", "--steps", "6", "--poisson-steps", "0")
 
 # The DP modes each backend offers, as adapter options (see each adapter's module docstring).
 MODES: dict[str, list[dict]] = {
@@ -223,12 +237,22 @@ def has_backend(src: Path, name: str) -> bool:
 
 
 def run_worker(
-    python: Path, backend: str, options: dict, batch: int, args, tmp: Path, src: Path | None = None
+    python: Path,
+    backend: str,
+    options: dict,
+    batch: int,
+    args,
+    tmp: Path,
+    src: Path | None = None,
+    threads: int = 1,
+    poisson_steps: int = 0,
 ) -> dict:
     """One worker process; its "[worker]" lines are echoed, the rest kept for errors.
 
     src: a dpscale source tree to import instead of this one (the venvs' .pth names this one;
-    PYTHONPATH comes before it).
+    PYTHONPATH comes before it). The result's "contention" is the /proc/stat window around the
+    whole worker (its process tree is "own") and "steady_contention" the worker's own window
+    around its timed steps.
     """
     out = tmp / f"{backend}-{len(list(tmp.iterdir()))}.json"
     cmd = [
@@ -237,14 +261,15 @@ def run_worker(
         "--groups", str(args.groups), "--num-classes", str(args.num_classes),
         "--batch-size", str(batch), *(["--physical", str(args.physical)] if args.physical else []),
         "--steps", str(args.steps), "--warmup", str(args.warmup),
-        "--poisson-steps", str(args.poisson_steps), "--n-train", str(args.n_train),
-        "--threads", str(args.threads), "--seed", str(args.seed), "--out", str(out),
+        "--poisson-steps", str(poisson_steps), "--n-train", str(args.n_train),
+        "--threads", str(threads), "--seed", str(args.seed), "--out", str(out),
     ]  # fmt: skip
     tail: collections.deque[str] = collections.deque(maxlen=30)
     started = time.perf_counter()
     env = dict(os.environ)
     if src is not None:
         env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(src), env.get("PYTHONPATH")]))
+    before = _contention.sample(children=True)
     proc = subprocess.Popen(
         cmd,
         stdout=subprocess.PIPE,
@@ -263,10 +288,9 @@ def run_worker(
         proc.kill()
         proc.wait()
     wall = time.perf_counter() - started
+    window = _contention.window(before, _contention.sample(children=True))
     if proc.returncode == 0 and out.exists():
-        result = json.loads(out.read_text())
-        result["worker_wall_s"] = wall
-        return result
+        return {**json.loads(out.read_text()), "worker_wall_s": wall, "contention": window}
     errors = [t for t in tail if re.match(r"^\w*(Error|Exception)\b", t)] or list(tail)[-1:]
     return {
         "backend": backend,
@@ -276,6 +300,8 @@ def run_worker(
         "returncode": proc.returncode,
         "log_tail": list(tail),
         "worker_wall_s": wall,
+        "threads": threads,
+        "contention": window,
     }
 
 
@@ -302,7 +328,7 @@ def ms(seconds) -> str:
 
 def table(runs: list[dict]) -> list[str]:
     lines = [
-        "| backend | mode (options) | non-private ms | DP ms | DP / non-private | "
+        "| backend | mode (options) | non-private ms | DP ms | DP / non-private (min-max) | "
         "first step s (NP / DP) | peak RSS MB (NP / DP) | Poisson step ms (NP / DP), P | "
         "chunk shapes / batch sizes | compiles in 1st Poisson step / after | "
         "feed ms (plain / augment) | feed / step (NP / DP) |",
@@ -316,32 +342,40 @@ def table(runs: list[dict]) -> list[str]:
                 + " |" * 9
             )  # fmt: skip
             continue
-        st, w, p = r["steady"], r["warm"], r["poisson"]
-        pn, pd = p["nonprivate"], p["dp"]
-        counter = pd["compile_counter"]
-        compiles = (
-            "n/a (eager)"
-            if pd["compiles_first_step"] is None
-            else f"{pd['compiles_first_step']} / {pd['recompiles']} ({counter}, DP); "
-            f"{pn['compiles_first_step']} / {pn['recompiles']} (NP)"
-        )
-        feed = pd["feed_median_s"]
-        share = " / ".join(
-            "-" if not (feed and s) else f"{feed / s:.1%}"
-            for s in (pn["step_median_s"], pd["step_median_s"])
-        )
-        shapes = "; ".join("x".join(map(str, s)) for s in pd["distinct_shapes"])
+        st, w = r["steady"], r["warm"]
         lines.append(
             f"| {r['backend']} | {label} | {ms(st['nonprivate']['median_s'])} | "
-            f"{ms(st['dp']['median_s'])} | **{r['ratio']:.2f}x** | "
+            f"{ms(st['dp']['median_s'])} | {_reps.ratio_cell(r)} | "
             f"{w['nonprivate']['first_step_s']:.1f} / {w['dp']['first_step_s']:.1f} | "
             f"{w['nonprivate']['peak_rss_mb']:.0f} / {w['dp']['peak_rss_mb']:.0f} | "
-            f"{ms(pn['step_median_s'])} / {ms(pd['step_median_s'])}, "
-            f"{pd['physical_batch_size']} | "
-            f"{shapes} / {pd['distinct_batch_sizes']} | {compiles} | "
-            f"{feed * 1e3:.1f} / {pd['feed_augment_median_s'] * 1e3:.1f} | {share} |"
+            f"{poisson_cells(r.get('poisson'))} |"
         )
     return lines
+
+
+def poisson_cells(p: dict | None) -> str:
+    """The Poisson phase's five cells ("-" where no repetition measured it)."""
+    if not p:
+        return " | ".join("-" * 5)
+    pn, pd = p["nonprivate"], p["dp"]
+    counter = pd["compile_counter"]
+    compiles = (
+        "n/a (eager)"
+        if pd["compiles_first_step"] is None
+        else f"{pd['compiles_first_step']} / {pd['recompiles']} ({counter}, DP); "
+        f"{pn['compiles_first_step']} / {pn['recompiles']} (NP)"
+    )
+    feed = pd["feed_median_s"]
+    share = " / ".join(
+        "-" if not (feed and s) else f"{feed / s:.1%}"
+        for s in (pn["step_median_s"], pd["step_median_s"])
+    )
+    shapes = "; ".join("x".join(map(str, s)) for s in pd["distinct_shapes"])
+    return (
+        f"{ms(pn['step_median_s'])} / {ms(pd['step_median_s'])}, {pd['physical_batch_size']} | "
+        f"{shapes} / {pd['distinct_batch_sizes']} | {compiles} | "
+        f"{feed * 1e3:.1f} / {pd['feed_augment_median_s'] * 1e3:.1f} | {share}"
+    )
 
 
 INTRO = (
@@ -358,29 +392,67 @@ INTRO = (
     "shapes and batch sizes, compiles during its first step and after it (jax: backend-compile "
     "events, tf: tf.function traces, torch: eager, n/a; the shape P is already compiled, so both "
     "should be 0), and the feed's time per step. Step times include the adapter's host-to-"
-    "framework copies. Nothing is asserted. Each table is one run on one machine "
-    "(`benchmarks/results/steps-<device>.json`); a run on another device adds its own table."
+    "framework copies. Nothing is asserted.\n\n"
+    "Repetitions and contention: each row is measured R times (default 3) at 1 thread (the "
+    "robust figure) and at all usable cores, by separate workers, repetition by repetition with "
+    "the rows in an order rotated by one each time; the table's ratio is the median over the "
+    "repetitions with their range (min-max), the step times the median of their medians, and "
+    "the Poisson columns come from the first repetition at the first thread count (the only "
+    "worker of a row that runs the plan: it does not enter the ratio). "
+    "/proc/stat is sampled around every worker and around its timed steps: the share of the "
+    "usable CPUs' time that other processes took (busy time less the worker's own CPU time and "
+    "steal) and steal itself. A shared core slows the non-private step more than the DP step "
+    "(issue 20), so a run whose 1-minute load average exceeds 0.5 before its first worker, or "
+    "in which other processes took over 5% or steal over 2% of the CPUs' time in any window, "
+    "is contended: its JSON is kept (`benchmarks/results/contended-steps-*.json`) and this "
+    "section is not rewritten from it. Each table is one run on one machine "
+    "(`benchmarks/results/steps-<device>.json`); a run on another device adds its own table. "
+    "Tables from runs before repetitions (one repetition, one thread count) say their load "
+    "in their header.\n\n"
+    "Cost: a worker's fixed part (interpreter, framework import, adapter build, both compiles) "
+    "dominates: measured 2026-12-03 as the workers' own CPU time (/proc/stat, under load 15; "
+    "`benchmarks/results/contended-steps-cpu-20261203-*-cost-*.json`, 1 thread, 4 steps), "
+    "it is ~7 CPU-minutes per pass over the 13 CPU rows (5-16 s for torch and jax, 50-75 s "
+    "for TF Privacy, Objax and JAX Privacy) plus ~31 s per steady step pair (DP + non-"
+    "private) over all rows. The default run (3 repetitions x 2 thread counts = 6 passes, 6 "
+    "steady steps each, the Poisson phase once) adds up to ~67 CPU-minutes there; CPU time "
+    "under that load runs ~1.5-2x an idle machine's wall time, so expect ~35-45 minutes on an "
+    "idle 2-core machine (`--threads 1`: about half). `--quick` (1 thread, 2 repetitions of 6 "
+    "steps, no Poisson phase; never writes this section, its JSON is "
+    "`benchmarks/results/quick-steps-*.json`) is ~10-12 minutes; "
+    "`--backends`/`--modes` narrow any run."
 )
 
 
-def run_lines(meta: dict, runs: list[dict], json_path: Path) -> list[str]:
-    """One results file: its setup line, a table per batch size, goals, notes and versions."""
+def thread_counts(meta: dict) -> list[int]:
+    """The run's thread counts (a results JSON from before repetitions holds one int)."""
+    t = meta["args"]["threads"]
+    return list(t) if isinstance(t, list) else [t]
+
+
+def setup_line(meta: dict, runs: list[dict], shown) -> str:
+    """The run's settings, repetitions and load in one paragraph."""
     a = meta["args"]
-    shown = json_path.relative_to(ROOT) if json_path.is_relative_to(ROOT) else json_path
     ok = [r for r in runs if "error" not in r]
     loads = [r["loadavg_start"][0] for r in ok] + [r["loadavg_end"][0] for r in ok]
-    devices = sorted({str(r["device"]) for r in ok}) or ["?"]
-    accel = [d for d in devices if not is_cpu(d)]
-    lines = [
-        f"### {', '.join(accel) if accel else 'CPU: ' + meta['cpu']} "
-        f"(width {a['width']}, {a['image_size']} px, {a['threads']} thread(s))",
-        "",
+    reps = a.get("reps", 1)
+    threads = " and ".join(map(str, thread_counts(meta)))
+    text = (
         f"{meta['date']}; host CPU {meta['cpu']}, {meta['usable_cores']} usable cores, "
-        f"{a['threads']} thread(s) per backend; ResNet-18 (GroupNorm, at most {a['groups']} "
+        f"{threads} thread(s) per backend; ResNet-18 (GroupNorm, at most {a['groups']} "
         f"groups) width {a['width']}, {a['image_size']} px, {a['num_classes']} classes; "
         f"{a['warmup']} warm-up step(s) (the first is the compile step), median of "
-        f"{a['steps']} interleaved steady steps of each kind; Poisson plan n = {a['n_train']}, "
-        f"{a['poisson_steps']} steps; P = "
+        f"{a['steps']} interleaved steady steps of each kind"
+        + (
+            f"; {reps} repetitions (worker processes, rows in rotating order; the ratio is the "
+            "median over them, its range in brackets, step times the median of their medians)"
+            if reps > 1
+            else "; one repetition"
+        )
+        + f"; Poisson plan n = {a['n_train']}, {a['poisson_steps']} steps"
+        + (" (first repetition only)" if reps > 1 else "")
+        + (f" at {thread_counts(meta)[0]} thread(s)" if len(thread_counts(meta)) > 1 else "")
+        + "; P = "
         + (str(a["physical"]) if a.get("physical") else "the runner's default")
         + "".join(
             f"; rows re-measured or added {x['date']} (load {x['loadavg_start'][0]:.1f})"
@@ -389,56 +461,45 @@ def run_lines(meta: dict, runs: list[dict], json_path: Path) -> list[str]:
         + f". Raw data: `{shown}`. 1-minute load average "
         f"{meta['loadavg_start'][0]:.1f} at the start, {meta['loadavg_end'][0]:.1f} at the end"
         + (f" ({min(loads):.1f}-{max(loads):.1f} across workers)" if loads else "")
-        + load_note(meta, loads, a["threads"])
-        + "; the ratios come from interleaved steps in one process and are the robust figure.",
+    )
+    if "contention" not in meta:  # a run from before /proc/stat windows: the load says it all
+        threads_max = max(thread_counts(meta))
+        return (
+            text
+            + load_note(meta, loads, threads_max)
+            + ("; the ratios come from interleaved steps in one process and are the robust figure.")
+        )
+    c = meta["contention"]
+    return (
+        text + f". Other processes took at most {c['max_others']:.1%} and steal "
+        f"{c['max_steal']:.1%} of the CPUs' time in a worker's steady window (/proc/stat): "
+        + (
+            "contended (" + "; ".join(c["reasons"]) + "), so the ratios are not the idle figure."
+            if c["reasons"]
+            else "the machine was ours."
+        )
+    )
+
+
+def run_lines(meta: dict, runs: list[dict], json_path: Path) -> list[str]:
+    """One results file: its setup line, a table per batch size and thread count, goals, notes
+    and versions."""
+    a = meta["args"]
+    shown = json_path.relative_to(ROOT) if json_path.is_relative_to(ROOT) else json_path
+    rows = _reps.aggregate(runs)
+    ok = [r for r in rows if "error" not in r]
+    devices = sorted({str(r["device"]) for r in ok}) or ["?"]
+    accel = [d for d in devices if not is_cpu(d)]
+    lines = [
+        f"### {', '.join(accel) if accel else 'CPU: ' + meta['cpu']} "
+        f"(width {a['width']}, {a['image_size']} px, "
+        f"{' and '.join(map(str, thread_counts(meta)))} thread(s))",
+        "",
+        setup_line(meta, runs, shown),
     ]
     for batch in a["batch_sizes"]:
-        rows = [r for r in runs if r["batch_size"] == batch and r.get("code") != BASELINE]
-        if not rows:
-            continue
-        # One table per device: a backend that fell back to the CPU never sits under a GPU's.
-        by_device: dict[str, list[dict]] = {}
-        for r in rows:
-            by_device.setdefault(str(r.get("device", "not measured")), []).append(r)
-        for dev, dev_rows in sorted(by_device.items(), key=lambda kv: is_cpu(kv[0])):
-            fallback = accel and is_cpu(dev)
-            lines += [
-                "",
-                f"Batch {batch}, device {dev}"
-                + (" (CPU fallback: not comparable with the rows above)" if fallback else "")
-                + ":",
-                "",
-                *table(dev_rows),
-            ]
-        lines += before_after([r for r in runs if r["batch_size"] == batch], meta)
-        good = [r for r in rows if "error" not in r]
-        above = [r for r in good if r["ratio"] > GOAL]
-        lines += [
-            "",
-            f"Goal DP <= {GOAL:g}x non-private: "
-            + (
-                "met by every mode measured."
-                if good and not above
-                else "above it: "
-                + ", ".join(f"{r['backend']} {r['mode']} {r['ratio']:.2f}x" for r in above)
-                + "."
-            ),
-        ]
-        for r in above:
-            if r["mode"] in WHY:
-                lines.append(f"- {r['mode']}: {WHY[r['mode']]}")
-        shares = [
-            r["poisson"]["dp"]["feed_median_s"] / r["poisson"]["nonprivate"]["step_median_s"]
-            for r in good
-            if r["poisson"]["nonprivate"]["step_median_s"]
-        ]
-        if shares:
-            lines += [
-                "",
-                f"Feed goal < {FEED_GOAL:.0%} of the step: the feed takes at most "
-                f"{max(shares):.2%} of a non-private step (the stricter denominator): "
-                f"{'met' if max(shares) < FEED_GOAL else 'missed'}.",
-            ]
+        for threads in thread_counts(meta):
+            lines += batch_lines(rows, batch, threads, meta, accel)
     versions: dict[str, dict] = {}
     for r in ok:
         versions.setdefault(r["backend"], r["versions"])
@@ -448,10 +509,61 @@ def run_lines(meta: dict, runs: list[dict], json_path: Path) -> list[str]:
     return lines
 
 
-def before_after(runs: list[dict], meta: dict) -> list[str]:
+def batch_lines(rows: list[dict], batch: int, threads: int, meta: dict, accel) -> list[str]:
+    """The tables, before/after, goal and notes of one batch size at one thread count."""
+    mine = [r for r in rows if r["batch_size"] == batch and r.get("threads", threads) == threads]
+    current = [r for r in mine if r.get("code") != BASELINE]
+    if not current:
+        return []
+    lines = []
+    # One table per device: a backend that fell back to the CPU never sits under a GPU's.
+    by_device: dict[str, list[dict]] = {}
+    for r in current:
+        by_device.setdefault(str(r.get("device", "not measured")), []).append(r)
+    for dev, dev_rows in sorted(by_device.items(), key=lambda kv: is_cpu(kv[0])):
+        fallback = accel and is_cpu(dev)
+        lines += [
+            "",
+            f"Batch {batch}, {threads} thread(s), device {dev}"
+            + (" (CPU fallback: not comparable with the rows above)" if fallback else "")
+            + ":",
+            "",
+            *table(dev_rows),
+        ]
+    lines += before_after(mine, meta)
+    good = [r for r in current if "error" not in r]
+    above = [r for r in good if r["ratio"] > GOAL]
+    lines += [
+        "",
+        f"Goal DP <= {GOAL:g}x non-private ({threads} thread(s)): "
+        + (
+            "met by every mode measured."
+            if good and not above
+            else "above it: "
+            + ", ".join(f"{r['backend']} {r['mode']} {r['ratio']:.2f}x" for r in above)
+            + "."
+        ),
+    ]
+    lines += [f"- {r['mode']}: {WHY[r['mode']]}" for r in above if r["mode"] in WHY]
+    shares = [
+        r["poisson"]["dp"]["feed_median_s"] / r["poisson"]["nonprivate"]["step_median_s"]
+        for r in good
+        if r.get("poisson") and r["poisson"]["nonprivate"]["step_median_s"]
+    ]
+    if shares:
+        lines += [
+            "",
+            f"Feed goal < {FEED_GOAL:.0%} of the step: the feed takes at most "
+            f"{max(shares):.2%} of a non-private step (the stricter denominator): "
+            f"{'met' if max(shares) < FEED_GOAL else 'missed'}.",
+        ]
+    return lines
+
+
+def before_after(rows: list[dict], meta: dict) -> list[str]:
     """The --baseline table: each mode's step times with the baseline's code and this tree's."""
     pairs: dict[tuple, dict] = {}
-    for r in runs:
+    for r in rows:
         if "error" not in r and r.get("code"):
             pairs.setdefault((r["backend"], json.dumps(r["options"])), {})[r["code"]] = r
     pairs = {k: v for k, v in pairs.items() if len(v) == 2}
@@ -461,10 +573,11 @@ def before_after(runs: list[dict], meta: dict) -> list[str]:
         "",
         f"Before / after (`--baseline {meta.get('baseline', '?')}`): each mode measured with the "
         "baseline's code and with this tree's, back to back in one run (which went first "
-        "alternates from mode to mode); after / before < 1 is faster.",
+        "alternates from mode to mode and repetition to repetition); after / before < 1 is "
+        "faster.",
         "",
         "| backend | mode (options) | NP ms before / after | DP ms before / after | "
-        "DP after / before | ratio before / after |",
+        "DP after / before | ratio before / after (min-max) |",
         "|---|---|---:|---:|---:|---:|",
     ]
     for (backend, _), v in pairs.items():
@@ -474,7 +587,8 @@ def before_after(runs: list[dict], meta: dict) -> list[str]:
         lines.append(
             f"| {backend} | {c['mode']} ({options_label(c['options'])}) | "
             f"{ms(np_[0])} / {ms(np_[1])} | {ms(dp[0])} / {ms(dp[1])} | "
-            f"**{dp[1] / dp[0]:.2f}** | {b['ratio']:.2f}x / {c['ratio']:.2f}x |"
+            f"**{dp[1] / dp[0]:.2f}** | "
+            f"{_reps.ratio_cell(b, bold=False)} / {_reps.ratio_cell(c, bold=False)} |"
         )
     return lines
 
@@ -489,7 +603,7 @@ def section(results: list[tuple[Path, dict, list[dict]]]) -> str:
 def saved_results(current: Path) -> list[tuple[Path, dict, list[dict]]]:
     """Every steps-*.json beside `current` (CPU and GPU tables side by side), `current` included."""
     files = {current.resolve()}
-    if current.resolve().parent == RESULTS.resolve():
+    if current.resolve().parent == RESULTS.resolve() and current.name.startswith("steps-"):
         files |= {f.resolve() for f in RESULTS.glob("steps-*.json")}
     out = []
     for f in sorted(files):
@@ -523,11 +637,32 @@ def main(argv=None) -> None:
         "--batch-size", type=int, nargs="+", default=[64], help="one or more, e.g. 64 256"
     )
     parser.add_argument("--physical", type=int, help="padded chunk size (default: the runner's)")
-    parser.add_argument("--steps", type=int, default=10, help="steady-state steps of each kind")
+    parser.add_argument(
+        "--steps", type=int, default=6, help="steady-state steps of each kind, per repetition"
+    )
     parser.add_argument("--warmup", type=int, default=2, help="steps before timing (1st timed)")
     parser.add_argument("--poisson-steps", type=int, default=8)
     parser.add_argument("--n-train", type=int, default=10_000, help="Poisson plan: q = B / n")
-    parser.add_argument("--threads", type=int, default=usable_cores())
+    parser.add_argument(
+        "--threads",
+        type=int,
+        nargs="+",
+        default=sorted({1, usable_cores()}),
+        help="thread counts, each a table (default: 1, the robust figure, and all usable cores)",
+    )
+    parser.add_argument(
+        "--reps", type=int, default=3, help="repetitions of every row (worker processes)"
+    )
+    parser.add_argument(
+        "--quick",
+        action="store_true",
+        help=f"a check, not the doc's figure: {' '.join(QUICK)}, never rewrites the doc",
+    )
+    parser.add_argument(
+        "--allow-contended",
+        action="store_true",
+        help="rewrite the doc even from a contended run (its section then says so)",
+    )
     parser.add_argument("--backends", help="comma-separated (default: every one with a venv)")
     parser.add_argument("--modes", help="JSON {backend: [options, ...]} replacing MODES entries")
     parser.add_argument(
@@ -551,14 +686,24 @@ def main(argv=None) -> None:
         help="no run: rewrite the doc section from this results JSON (and its neighbours)",
     )
     args = parser.parse_args(argv)
+    if args.quick:
+        args = parser.parse_args([*(argv if argv is not None else sys.argv[1:]), *QUICK])
+        args.no_write = True
     if args.render:
+        reasons = (json_meta(args.render).get("contention") or {}).get("reasons")
+        if reasons and not (args.allow_contended or args.no_write):
+            raise SystemExit(
+                f"--render {args.render}: a contended run ({'; '.join(reasons)}); the doc is "
+                "left alone (--allow-contended to write it anyway, labelled)"
+            )
         text = section(saved_results(args.render))
         print(text)
         if not args.no_write:
             write_section(text)
         return
-    if min(args.batch_size) < 1 or args.steps < 1 or args.threads < 1:
-        parser.error("expected --batch-size, --steps and --threads >= 1")
+    if min(args.batch_size) < 1 or args.steps < 1 or min(args.threads) < 1 or args.reps < 1:
+        parser.error("expected --batch-size, --steps, --threads and --reps >= 1")
+    args.threads = list(dict.fromkeys(args.threads))
     modes = parse_modes(args.modes)
     chosen = select_backends(args.backends, parse_pythons(args.python))
     if not chosen:
@@ -586,13 +731,11 @@ def main(argv=None) -> None:
             "poisson_steps": args.poisson_steps,
             "n_train": args.n_train,
             "threads": args.threads,
+            "reps": args.reps,
             "seed": args.seed,
         },
     }
     runs: list[dict] = []
-    if args.append:
-        meta, runs = appended_to(args.append, meta)
-        args.out = args.append
     codes = {CURRENT: None}
     if args.baseline:
         src = args.baseline.resolve() / "src"
@@ -600,48 +743,124 @@ def main(argv=None) -> None:
             raise SystemExit(f"--baseline {args.baseline}: no src/dpscale; expected a checkout")
         codes = {BASELINE: src, CURRENT: None}
         meta["baseline"] = str(args.baseline.resolve())
+    rows = [
+        (batch, name, python, options)
+        for batch in args.batch_size
+        for name, python in chosen
+        for options in modes.get(name, [{}])
+    ]
+    plan = _reps.schedule(list(range(len(rows))), args.reps, args.threads, list(codes))
+    if args.append:
+        meta, runs = appended_to(args.append, meta)
+        measured = {(b, n, json.dumps(o, sort_keys=True)) for b, n, _, o in rows}
+        # A re-measured mode replaces all its old repetitions.
+        runs = [
+            r
+            for r in runs
+            if (r["batch_size"], r["backend"], json.dumps(r["options"], sort_keys=True))
+            not in measured
+        ]
+    partial = RESULTS / f"partial-steps-{time.strftime('%Y%m%d-%H%M%S')}.json"
+    kept = len(runs)  # --append: the saved rows not re-measured
     with tempfile.TemporaryDirectory(prefix="dpscale-steps-") as tmp:
-        for batch in args.batch_size:
-            for name, python in chosen:
-                # With a baseline, which code goes first alternates from mode to mode.
-                # A backend the baseline does not have is measured with this tree only.
-                order = [c for c, src in codes.items() if src is None or has_backend(src, name)]
-                for options, code in (
-                    (o, c)
-                    for i, o in enumerate(modes.get(name, [{}]))
-                    for c in (order[::-1] if i % 2 else order)
-                ):
-                    print(f"{name} {options_label(options)}, batch {batch}, {code}:", flush=True)
-                    started = time.strftime("%Y-%m-%d %H:%M %Z")
-                    r = {
-                        **run_worker(python, name, options, batch, args, Path(tmp), codes[code]),
-                        "started": started,
-                        "code": code,
-                    }
-                    same = [
-                        i
-                        for i, old in enumerate(runs)
-                        if (old["backend"], old["options"], old["batch_size"], old.get("code"))
-                        == (name, options, batch, code)
-                    ]
-                    if same:  # --append: a re-measured mode replaces its old row in place
-                        runs[same[0]] = r
-                    else:
-                        runs.append(r)
-                    if "error" in r:
-                        print(f"    failed: {r['error']}", flush=True)
-                    else:
-                        st = r["steady"]
-                        print(
-                            f"    {r['mode']}: non-private {ms(st['nonprivate']['median_s'])} ms,"
-                            f" DP {ms(st['dp']['median_s'])} ms, ratio {r['ratio']:.2f}x "
-                            f"({r['worker_wall_s']:.0f} s)",
-                            flush=True,
-                        )
-                    # After every worker, so a long run interrupted keeps what it measured.
-                    out, text = save(meta, runs, args)
+        for n, (rep, threads, row, code) in enumerate(plan, 1):
+            batch, name, python, options = rows[row]
+            if codes[code] is not None and not has_backend(codes[code], name):
+                continue  # a backend the baseline does not have: this tree only
+            print(
+                f"[{n}/{len(plan)}] rep {rep + 1}/{args.reps}, {threads} thread(s): {name} "
+                f"{options_label(options)}, batch {batch}, {code}:",
+                flush=True,
+            )
+            started = time.strftime("%Y-%m-%d %H:%M %Z")
+            # The Poisson phase is not in the ratio: once per row, at the first thread count.
+            poisson = args.poisson_steps if (rep, threads) == (0, args.threads[0]) else 0
+            r = run_worker(
+                python, name, options, batch, args, Path(tmp), codes[code], threads, poisson
+            )
+            runs.append({**r, "started": started, "code": code, "rep": rep})
+            print(f"    {worker_summary(r)}", flush=True)
+            # After every worker, so a long run interrupted keeps what it measured.
+            write_json(partial, meta, runs)
+    finish(meta, runs, kept, args, partial)
+
+
+def worker_summary(r: dict) -> str:
+    """One line per worker: its ratio and what else ran meanwhile."""
+    c = r.get("steady_contention") or r.get("contention")
+    busy = f", others {c['others']:.1%}, steal {c['steal']:.1%}" if c else ""
+    if "error" in r:
+        return f"failed: {r['error']}{busy}"
+    st = r["steady"]
+    return (
+        f"{r['mode']}: non-private {ms(st['nonprivate']['median_s'])} ms, DP "
+        f"{ms(st['dp']['median_s'])} ms, ratio {r['ratio']:.2f}x ({r['worker_wall_s']:.0f} s"
+        f"{busy})"
+    )
+
+
+def run_verdict(meta: dict, runs: list[dict]) -> dict:
+    """meta["contention"]: the worst windows of this run's workers and why it is contended."""
+    ok = [r for r in runs if "error" not in r]
+    windows = [r.get(k) for r in ok for k in ("steady_contention", "contention")]
+    seen = [w for w in windows if w]
+    return {
+        "max_others": max((w["others"] for w in seen), default=0.0),
+        "max_steal": max((w["steal"] for w in seen), default=0.0),
+        "limits": {
+            "others": _contention.MAX_OTHERS,
+            "steal": _contention.MAX_STEAL,
+            "start_load": _contention.MAX_START_LOAD,
+        },
+        "reasons": _contention.verdict(meta["loadavg_start"][0], windows),
+    }
+
+
+def own_cpu_s(window: dict | None) -> float | None:
+    """CPU seconds of the measured process tree in a /proc/stat window."""
+    return window["own"] * window["cpus"] * window["seconds"] if window else None
+
+
+def timing_summary(runs: list[dict]) -> str:
+    """Where the run's time went, by repetition, and the workers' own CPU time: on an idle
+    machine a 1-thread worker's wall time is about its CPU time, whatever the load was here."""
+    wall: dict[int, float] = {}
+    for r in runs:
+        wall[r.get("rep", 0)] = wall.get(r.get("rep", 0), 0.0) + r["worker_wall_s"]
+    cpu = [own_cpu_s(r.get("contention")) for r in runs if r.get("threads") == 1]
+    text = f"workers took {sum(wall.values()) / 60:.1f} min: " + ", ".join(
+        f"repetition {rep + 1} {s / 60:.1f} min" for rep, s in sorted(wall.items())
+    )
+    if cpu and None not in cpu:
+        text += f"; the 1-thread workers used {sum(cpu) / 60:.1f} min of CPU"
+    return text
+
+
+def finish(meta: dict, runs: list[dict], kept: int, args, partial: Path) -> None:
+    """The verdict on this run's workers (runs[kept:]), the JSON where it belongs, and the doc
+    section if the run may write it."""
+    meta["contention"] = run_verdict(meta, runs[kept:])
+    reasons = meta["contention"]["reasons"]
+    out = args.out or args.append or RESULTS / f"steps-{device_tag(runs)}.json"
+    picked_up = out.resolve().parent == RESULTS.resolve() and out.name.startswith("steps-")
+    kind = "contended" if reasons else "quick" if args.quick else None
+    if kind and picked_up:
+        # Never where --render and the doc pick results up (steps-*.json beside it).
+        out = RESULTS / f"{kind}-{out.stem}-{partial.stem.removeprefix('partial-steps-')}.json"
+    write_json(out, meta, runs)
+    partial.unlink(missing_ok=True)
+    text = section(saved_results(out))
     print("\n" + text)
-    print(f"\nresults in {out}" + ("" if args.no_write else f"; section written to {DOC}"))
+    print(f"\n{timing_summary(runs[kept:])}\nresults in {out}")
+    if reasons:
+        print("contended run: " + "; ".join(reasons), flush=True)
+    if args.no_write:
+        pass
+    elif reasons and not args.allow_contended:
+        print(f"{DOC} left alone (--allow-contended to write it anyway, labelled)")
+    else:
+        write_section(text)
+        print(f"section written to {DOC}")
     sys.exit(1 if any("error" in r for r in runs) else 0)
 
 
@@ -671,19 +890,21 @@ def appended_to(path: Path, meta: dict) -> tuple[dict, list[dict]]:
     return old_meta, runs
 
 
-def save(meta: dict, runs: list[dict], args) -> tuple[Path, str]:
-    """Write the JSON (small: per-step lists dropped) and, unless --no-write, the doc section."""
+def write_json(out: Path, meta: dict, runs: list[dict]) -> None:
+    """The results JSON (small: per-step lists dropped)."""
     meta["loadavg_end"] = list(os.getloadavg())
-    out = args.out or RESULTS / f"steps-{device_tag(runs)}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     for r in runs:
         for kind in (*r.get("steady", {}).values(), *r.get("poisson", {}).values()):
             kind.pop("step_s", None)
     out.write_text(json.dumps({"meta": meta, "runs": runs}, indent=1) + "\n")
-    text = section(saved_results(out))
-    if not args.no_write:
-        write_section(text)
-    return out, text
+
+
+def json_meta(path: Path) -> dict:
+    try:
+        return json.loads(Path(path).read_text())["meta"]
+    except (OSError, json.JSONDecodeError, KeyError, TypeError) as err:
+        raise SystemExit(f"{path}: {err}; expected a steps.py results JSON") from None
 
 
 if __name__ == "__main__":
