@@ -69,6 +69,17 @@ BAD = {
     "missing dataset name": (_set("dataset.name", KeyError), "dataset.name: missing"),
     "classes of the wrong form": (_set("splits.classes", "ten"), "splits.classes: 'ten'"),
     "empty backends": (_set("backends", []), "backends:"),
+    "devices in a one-device backend": (
+        lambda c: c.update(training={"devices": 2}, backends=["jax", "objax", "tfprivacy"]),
+        "training.devices: backend(s) objax, tfprivacy train on one device; expected devices 1 "
+        "for them (a map such as {jax: 2} sets it per backend), or backends among jax, "
+        "jaxprivacy, opacus, reference",
+    ),
+    "devices of an unknown backend": (
+        _set("training.devices", {"torch": 2}),
+        "training.devices.torch: unknown backend 'torch'",
+    ),
+    "devices zero": (_set("training.devices", 0), "training.devices: 0 has the wrong form"),
     "frozen groups without transfer": (
         _set("training.frozen_groups", 3),
         "training.frozen_groups: 3 without a transfer block",
