@@ -88,7 +88,9 @@ def main(argv=None) -> None:
             if "RANK" not in os.environ:  # the launcher: one runner per device
                 sys.exit(
                     launch.run_ranks(
-                        sys.argv[1:] if argv is None else argv, runtime.devices, args.threads
+                        [sys.executable, "-m", "dpscale.runner", *(argv or sys.argv[1:])],
+                        runtime.devices,
+                        args.threads,
                     )
                 )
             loop.QUIET = rank > 0  # rank 0 logs (and writes) for the run

@@ -1,7 +1,8 @@
 """One runner process per device for backends that train data-parallel over processes
 (dpscale.backends.PROCESS_PER_DEVICE: torch.distributed).
 
-The launcher re-executes `python -m dpscale.runner` with the same arguments N times, each with
+The launcher re-executes `python -m dpscale.runner` (or a benchmark worker) with the same
+arguments N times, each with
 torch.distributed's environment (RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR, MASTER_PORT) and
 threads // N threads; rank r computes on cuda:r of the GPUs the job was given. It waits for all;
 if one fails, it stops the others and exits with that failure. A rank dies with the launcher
@@ -41,11 +42,12 @@ def rank_env(rank: int, n: int, port: int, threads: int) -> dict[str, str]:
     return env
 
 
-def run_ranks(argv: list[str], n: int, threads: int) -> int:
-    """Run the runner as ranks 0..n-1 of one process group; the first failure's exit code."""
+def run_ranks(cmd: list[str], n: int, threads: int) -> int:
+    """Run `cmd` (the runner, or a benchmark worker, taking --threads) as ranks 0..n-1 of one
+    process group; the first failure's exit code."""
     per_rank = max(1, int(threads) // n)
     port = free_port()
-    cmd = [sys.executable, "-m", "dpscale.runner", *argv, "--threads", str(per_rank)]
+    cmd = [*cmd, "--threads", str(per_rank)]
     print(f"launching {n} ranks (torch.distributed, {per_rank} thread(s) each)", flush=True)
     procs = [
         subprocess.Popen(cmd, env=rank_env(r, n, port, per_rank), preexec_fn=_die_with_parent)
