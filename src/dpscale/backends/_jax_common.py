@@ -121,7 +121,8 @@ class JaxDevice:
         # JAX's GPU default for float32 matmuls and convolutions is TF32: say it either way.
         precision = "tensorfloat32" if runtime.precision == "tf32" else "float32"
         jax.config.update("jax_default_matmul_precision", precision)
-        if runtime.devices > 1:  # on a CPU, N host devices (GPUs are devices of their own)
+        # On a CPU, N host devices (GPUs are devices of their own); set once per process.
+        if runtime.devices > 1 and getattr(jax.config, HOST_DEVICES_OPTION) < runtime.devices:
             jax.config.update(HOST_DEVICES_OPTION, runtime.devices)
 
     def _visible_devices(self) -> list[str]:
