@@ -48,7 +48,7 @@ SIGMA = 1.0
 
 
 def log(msg: str) -> None:
-    if os.environ.get("RANK", "0") != "0":  # a data-parallel worker's other ranks stay quiet
+    if launch.quiet_rank():  # a data-parallel worker's other ranks stay quiet
         return
     print(f"[worker] {time.strftime('%H:%M:%S')} {msg}", flush=True)
 
@@ -335,7 +335,7 @@ def main(argv=None) -> None:
     args = parser.parse_args(argv)
     global RUNTIME
     RUNTIME = Runtime(devices=args.devices)
-    launcher = args.backend in backends.PROCESS_PER_DEVICE and "RANK" not in os.environ
+    launcher = args.backend in backends.PROCESS_PER_DEVICE and not launch.is_rank()
     if args.devices > 1 and launcher:  # one worker per device, as the runner starts them
         cmd = [sys.executable, str(Path(__file__).resolve()), *(argv or sys.argv[1:])]
         sys.exit(launch.run_ranks(cmd, args.devices, args.threads))
@@ -352,7 +352,7 @@ def main(argv=None) -> None:
     if not 0 < args.batch_size <= args.n_train:
         parser.error(f"--batch-size {args.batch_size}; expected 1..--n-train ({args.n_train})")
     result = run(args)
-    if os.environ.get("RANK", "0") != "0":
+    if launch.quiet_rank():
         return  # rank 0 reports for all
     result["devices"] = args.devices
     args.out.write_text(json.dumps(result, indent=1))

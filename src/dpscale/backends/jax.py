@@ -18,7 +18,7 @@ This module is dpscale.backends.jax; `import jax` below is the real package (abs
   as one (N*P)-row batch sharded by rows; the same jitted chunk function then computes each
   device's clipped sum and XLA sums them across the devices (GSPMD). Weights, momentum and the
   key are replicated, so the one noise draw and the update are the same on every device. On a
-  CPU the host is split into N XLA devices (--xla_force_host_platform_device_count).
+  CPU the host is split into N XLA devices (jax.config jax_num_cpu_devices).
 
 Options: `eval_batch_size` (prediction chunk, default 128), `compilation_cache` (true: XLA's
 persistent cache in the venv; false; or a folder), `conv`: "patches" computes convolutions as

@@ -83,9 +83,8 @@ def main(argv=None) -> None:
         runtime = device_runtime(training)
         from dpscale import backends
 
-        rank = int(os.environ.get("RANK", "0"))
         if runtime.devices > 1 and args.backend in backends.PROCESS_PER_DEVICE:
-            if "RANK" not in os.environ:  # the launcher: one runner per device
+            if not launch.is_rank():  # the launcher: one runner per device
                 sys.exit(
                     launch.run_ranks(
                         [sys.executable, "-m", "dpscale.runner", *(argv or sys.argv[1:])],
@@ -93,7 +92,7 @@ def main(argv=None) -> None:
                         args.threads,
                     )
                 )
-            loop.QUIET = rank > 0  # rank 0 logs (and writes) for the run
+            loop.QUIET = launch.quiet_rank()
 
         try:
             adapter_class = backends.load(args.backend)

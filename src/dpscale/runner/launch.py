@@ -34,8 +34,24 @@ def _die_with_parent() -> None:
         ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
 
 
+# Set in the ranks it starts: a RANK inherited from elsewhere (torchrun, a site's wrapper) must
+# not make a runner believe it is one of them.
+LAUNCHED = "DPSCALE_LAUNCHED"
+
+
+def is_rank() -> bool:
+    """Whether this process is a rank started by run_ranks (else it launches them)."""
+    return os.environ.get(LAUNCHED) == "1"
+
+
+def quiet_rank() -> bool:
+    """Whether this process is a rank other than 0: rank 0 logs and writes for the run."""
+    return is_rank() and os.environ.get("RANK") != "0"
+
+
 def rank_env(rank: int, n: int, port: int, threads: int) -> dict[str, str]:
     env = dict(os.environ, RANK=str(rank), WORLD_SIZE=str(n), LOCAL_RANK=str(rank))
+    env[LAUNCHED] = "1"
     env.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), DPSCALE_THREADS=str(threads))
     for var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS"):
         env[var] = str(threads)
