@@ -41,10 +41,11 @@ import _contention  # benchmarks/, this script's folder
 import numpy as np
 
 from dpscale import backends
-from dpscale.backends.base import Batch, StepConfig
+from dpscale.backends.base import Batch, Runtime, StepConfig
 from dpscale.models.resnet import ResNetSpec
-from dpscale.runner import feed, loop, plan
+from dpscale.runner import feed, launch, loop, plan
 
+RUNTIME = Runtime()  # --devices sets it
 LR = 0.01  # small: random labels must not blow the loss up within a few dozen steps
 MOMENTUM = 0.9
 CLIP = 1.0
@@ -52,6 +53,8 @@ SIGMA = 1.0
 
 
 def log(msg: str) -> None:
+    if launch.quiet_rank():  # a data-parallel worker's other ranks stay quiet
+        return
     print(f"[worker] {time.strftime('%H:%M:%S')} {msg}", flush=True)
 
 
@@ -145,15 +148,16 @@ def timed_step(adapter, chunks: list[Batch]) -> float:
 
 
 def warm_phase(cls, spec, options, seed, threads, cfg: StepConfig, batch: Batch, warmup: int):
-    """Build, set up and warm one adapter; its own memory peak and compile time."""
+    """Build, set up and warm one adapter; its own memory peak and compile time. With
+    --devices N (RUNTIME), a logical batch is N chunks: one of `batch` per device."""
     reset_ok = reset_peak_rss()
     rss_start = current_rss_mb()
     t0 = time.perf_counter()
-    adapter = cls(spec, options, seed, threads)
+    adapter = cls(spec, options, seed, threads, RUNTIME)
     adapter.setup_training(cfg)
     build_s = time.perf_counter() - t0
-    first_s = timed_step(adapter, [batch])
-    warm = [timed_step(adapter, [batch]) for _ in range(max(0, warmup - 1))]
+    first_s = timed_step(adapter, [batch] * RUNTIME.devices)
+    warm = [timed_step(adapter, [batch] * RUNTIME.devices) for _ in range(max(0, warmup - 1))]
     device_peak = adapter.peak_memory_bytes()
     out = {
         "build_s": build_s,
@@ -173,7 +177,7 @@ def interleaved(adapters: dict, batch: Batch, steps: int) -> dict[str, list[floa
     keys = list(adapters)
     for i in range(steps):
         for k in keys if i % 2 == 0 else keys[::-1]:
-            times[k].append(timed_step(adapters[k], [batch]))
+            times[k].append(timed_step(adapters[k], [batch] * RUNTIME.devices))
         if (i + 1) % max(1, steps // 4) == 0:
             log(
                 f"steady {i + 1}/{steps}: "
@@ -341,7 +345,14 @@ def main(argv=None) -> None:
     parser.add_argument("--threads", type=int, required=True)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", type=Path, required=True)
+    parser.add_argument("--devices", type=int, default=1, help="training.devices (one chunk each)")
     args = parser.parse_args(argv)
+    global RUNTIME
+    RUNTIME = Runtime(devices=args.devices)
+    launcher = args.backend in backends.PROCESS_PER_DEVICE and not launch.is_rank()
+    if args.devices > 1 and launcher:  # one worker per device, as the runner starts them
+        cmd = [sys.executable, str(Path(__file__).resolve()), *(argv or sys.argv[1:])]
+        sys.exit(launch.run_ranks(cmd, args.devices, args.threads))
     try:
         options = json.loads(args.options)
     except json.JSONDecodeError as err:
@@ -355,6 +366,9 @@ def main(argv=None) -> None:
     if not 0 < args.batch_size <= args.n_train:
         parser.error(f"--batch-size {args.batch_size}; expected 1..--n-train ({args.n_train})")
     result = run(args)
+    if launch.quiet_rank():
+        return  # rank 0 reports for all
+    result["devices"] = args.devices
     args.out.write_text(json.dumps(result, indent=1))
     log(f"done: ratio DP/non-private {result['ratio']:.2f}; results in {args.out}")
 

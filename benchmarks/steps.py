@@ -20,6 +20,12 @@ section of docs/benchmarks.md.
         [--backends opacus,jax] [--python jax=/path/to/python] [--no-write] [--quick]
         [--modes '{"opacus": [{"grad_sample_mode": "ghost"}]}'] [--baseline DIR]
     .venv/bin/python benchmarks/steps.py --render benchmarks/results/steps-cpu.json  # doc only
+    .venv/bin/python benchmarks/steps.py --devices 8 --backends reference,jax  # scaling only
+
+--devices N (N > 1) measures data-parallel scaling instead (training.devices; docs/cluster.md):
+each row on 1 and on N devices, a logical batch of one --batch-size chunk per device, and
+prints the DP step's throughput and the scaling efficiency (throughput on N / (N x on 1)) into
+benchmarks/results/scaling-<device>.json; docs/benchmarks.md is left alone.
 
 --baseline DIR (another checkout, e.g. `git worktree add /tmp/old <rev>`) measures every row
 with DIR/src first on the workers' path and with this tree's, back to back in each repetition
@@ -246,6 +252,7 @@ def run_worker(
     src: Path | None = None,
     threads: int = 1,
     poisson_steps: int = 0,
+    devices: int = 1,
 ) -> dict:
     """One worker process; its "[worker]" lines are echoed, the rest kept for errors.
 
@@ -263,6 +270,7 @@ def run_worker(
         "--steps", str(args.steps), "--warmup", str(args.warmup),
         "--poisson-steps", str(poisson_steps), "--n-train", str(args.n_train),
         "--threads", str(threads), "--seed", str(args.seed), "--out", str(out),
+        "--devices", str(devices),
     ]  # fmt: skip
     tail: collections.deque[str] = collections.deque(maxlen=30)
     started = time.perf_counter()
@@ -677,6 +685,7 @@ def main(argv=None) -> None:
         help="add these modes to (or re-measure them in) a saved results JSON of the same settings",
     )
     parser.add_argument("--no-write", action="store_true", help="leave docs/benchmarks.md alone")
+    parser.add_argument("--devices", type=int, default=1, help="N > 1: data-parallel scaling")
     parser.add_argument(
         "--baseline", type=Path, help="another checkout: every row measured with its code too"
     )
@@ -710,6 +719,8 @@ def main(argv=None) -> None:
         raise SystemExit(
             "no backend with a built venv; build one: .venv/bin/python -m dpscale.envs"
         )
+    if args.devices > 1:
+        sys.exit(scaling(args, chosen, modes))
 
     meta = {
         "date": time.strftime("%Y-%m-%d %H:%M %Z"),
@@ -888,6 +899,58 @@ def appended_to(path: Path, meta: dict) -> tuple[dict, list[dict]]:
         {"date": meta["date"], "loadavg_start": meta["loadavg_start"]}
     )
     return old_meta, runs
+
+
+def scaling(args, chosen: list[tuple[str, Path]], modes: dict[str, list[dict]]) -> int:
+    """--devices N: each multi-device backend's modes on 1 and N devices; throughput of the DP
+    step (examples of its logical batch per second) and the scaling efficiency."""
+    from dpscale.backends import MULTI_DEVICE
+
+    n, rows = args.devices, []
+    with tempfile.TemporaryDirectory(prefix="dpscale-scaling-") as tmp:
+        for batch in args.batch_size:
+            for name, python in (c for c in chosen if c[0] in MULTI_DEVICE):
+                for options in modes.get(name, [{}]):
+                    row = {"backend": name, "options": options, "batch_per_device": batch}
+                    for d in (1, n):
+                        r = run_worker(
+                            python,
+                            name,
+                            options,
+                            batch,
+                            args,
+                            Path(tmp),
+                            None,
+                            threads=max(args.threads),
+                            devices=d,
+                        )
+                        if "error" in r:
+                            row[f"error_{d}"] = r["error"]
+                            continue
+                        row.update(mode=r["mode"], device=r["device"])
+                        row[f"ex_per_s_{d}"] = d * batch / r["steady"]["dp"]["median_s"]
+                    if f"ex_per_s_{n}" in row and "ex_per_s_1" in row:
+                        row["efficiency"] = row[f"ex_per_s_{n}"] / (n * row["ex_per_s_1"])
+                    rows.append(row)
+                    print(
+                        f"{name} {options_label(options)}, {batch}/device: "
+                        + ", ".join(
+                            f"{row[k]:.1f} ex/s on {k.rsplit('_', 1)[1]}"
+                            for k in ("ex_per_s_1", f"ex_per_s_{n}")
+                            if k in row
+                        )
+                        + (f", efficiency {row['efficiency']:.2f}" if "efficiency" in row else "")
+                        + "".join(f" ({k}: {v})" for k, v in row.items() if k.startswith("error")),
+                        flush=True,
+                    )
+    tag = "cpu" if all(is_cpu(r.get("device", "cpu")) for r in rows) else "gpu"
+    out = args.out or RESULTS / f"scaling-{tag}.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    meta = {"date": time.strftime("%Y-%m-%d %H:%M %Z"), "devices": n, "threads": args.threads}
+    meta["loadavg"] = list(os.getloadavg())
+    out.write_text(json.dumps({"meta": meta, "rows": rows}, indent=1) + "\n")
+    print(f"results in {out}")
+    return int(any("efficiency" not in r for r in rows))
 
 
 def write_json(out: Path, meta: dict, runs: list[dict]) -> None:

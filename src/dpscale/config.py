@@ -160,12 +160,22 @@ def pretrain_training(config: dict[str, Any]) -> dict[str, Any]:
     return {**merged, "frozen_groups": 0}
 
 
-def run_training(training: dict[str, Any], gpus: int) -> dict[str, Any]:
+def run_devices(training: dict[str, Any], backend: str) -> int:
+    """training.devices for `backend`: the number, or its entry in a backend -> number map
+    (1 for a backend the map leaves out)."""
+    devices = training.get("devices", 1)
+    return int(devices.get(backend, 1) if isinstance(devices, dict) else devices)
+
+
+def run_training(training: dict[str, Any], gpus: int, backend: str | None = None) -> dict[str, Any]:
     """A run's `training` as the runner gets it: device null (unset) becomes gpu when the job
     was given a GPU (the slurm profile gives every training job one: it must be used, never
-    silently replaced by the CPU), else auto."""
+    silently replaced by the CPU), else auto; devices becomes the backend's number."""
     device = training.get("device") or ("gpu" if int(gpus or 0) > 0 else "auto")
-    return {**training, "device": device}
+    out = {**training, "device": device}
+    if "devices" in training:
+        out["devices"] = run_devices(training, backend or "")
+    return out
 
 
 def variant_configs(config: dict[str, Any]) -> dict[str, dict[str, Any]]:
@@ -246,6 +256,33 @@ def _check_semantics(config: dict[str, Any]) -> None:
         if not Path(env["python"]).is_absolute():
             _fail(f"envs.{name}.python", f"{env['python']!r}; expected an absolute path")
     _check_transfer(config, known)
+    _check_devices(config, known)
+
+
+def _check_devices(config: dict[str, Any], known: list[str]) -> None:
+    from dpscale.backends import MULTI_DEVICE
+
+    devices = config["training"]["devices"]
+    if isinstance(devices, dict):
+        for name in devices:
+            if name not in known:
+                _fail(
+                    f"training.devices.{name}",
+                    f"unknown backend {name!r}; expected one of {', '.join(known)}",
+                )
+    transfer = [config["transfer"]["backend"]] if config.get("transfer") else []
+    cannot = [
+        b
+        for b in dict.fromkeys([*config["backends"], *transfer])
+        if run_devices(config["training"], b) > 1 and b not in MULTI_DEVICE
+    ]
+    if cannot:
+        _fail(
+            "training.devices",
+            f"backend(s) {', '.join(cannot)} train on one device; expected devices 1 for them "
+            f"(a map such as {{jax: 2}} sets it per backend), or backends among "
+            f"{', '.join(MULTI_DEVICE)}",
+        )
 
 
 def _balanced_with_rho(config: dict[str, Any]) -> list[str]:

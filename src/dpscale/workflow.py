@@ -54,12 +54,13 @@ def thread_env(threads: int) -> dict[str, str]:
 
 
 class GpuSlots:
-    """The GPUs of a local workstation, one per running training job.
+    """The GPUs of a local workstation, handed to running training jobs (training.devices each).
 
-    Snakemake's `gpu` resource (`--resources gpu=N`) bounds how many jobs hold one at a time;
-    this pool says which: local jobs run as threads of one Snakemake process, so a lock and a
-    free list suffice. The GPUs are those in CUDA_VISIBLE_DEVICES when Snakemake started, else
-    0..N-1. Inside a SLURM job the scheduler has already chosen (and set the variable).
+    Snakemake's `gpu` resource (`--resources gpu=N`) bounds how many GPUs the running jobs hold
+    together; this pool says which: local jobs run as threads of one Snakemake process, so a
+    lock and a free list suffice. The GPUs are those in CUDA_VISIBLE_DEVICES when Snakemake
+    started, else 0..N-1. Inside a SLURM job the scheduler has already chosen (and set the
+    variable).
     """
 
     def __init__(self, visible: str | None = None) -> None:
@@ -69,8 +70,8 @@ class GpuSlots:
         self._cond = threading.Condition()
 
     @contextlib.contextmanager
-    def hold(self, total: int):
-        """One GPU id for the block, out of `total` (the gpu resource's global amount)."""
+    def hold(self, total: int, count: int = 1):
+        """`count` GPU ids (a list) for the block, out of `total` (the gpu resource's amount)."""
         with self._cond:
             if self._free is None:
                 ids = self._given if self._given is not None else [str(i) for i in range(total)]
@@ -80,32 +81,47 @@ class GpuSlots:
                         f"GPU(s) ({','.join(ids)}); expected at most {len(ids)}"
                     )
                 self._free = ids[:total]
-            while not self._free:  # Snakemake's resource count makes this a short wait
+            if count > total:
+                raise StepFailed(
+                    f"a step asks for {count} GPUs, --resources gpu={total} declares {total}; "
+                    f"expected training.devices <= {total}"
+                )
+            while len(self._free) < count:  # Snakemake's resource count makes this short
                 self._cond.wait()
-            gpu = self._free.pop(0)
+            gpus, self._free = self._free[:count], self._free[count:]
         try:
-            yield gpu
+            yield gpus
         finally:
             with self._cond:
-                self._free.append(gpu)
-                self._cond.notify()
+                self._free.extend(gpus)
+                self._cond.notify_all()
 
 
 GPUS = GpuSlots()
 
+# training.devices of each training job, by (backend, variant) ("pretrain", "" for the
+# pre-training), filled by workflow/rules/common.smk: the slurm profile's resource expressions
+# (gpu, threads) read it through job_devices, as they cannot see the config.
+RUN_DEVICES: dict[tuple[str, str], int] = {}
+
+
+def job_devices(wildcards) -> int:
+    """The devices (GPUs) of the training job `wildcards` name; 1 for any other job."""
+    key = (getattr(wildcards, "backend", "pretrain"), getattr(wildcards, "variant", ""))
+    return RUN_DEVICES.get(key, 1)
+
 
 def gpu_env(gpus: int, total: int):
-    """A context giving the step's environment its GPU: {} when it asks for none, no GPUs are
-    declared (`--resources gpu=N`) or SLURM chose; else CUDA_VISIBLE_DEVICES of one free GPU."""
+    """A context giving the step's environment its GPUs: {} when it asks for none, no GPUs are
+    declared (`--resources gpu=N`) or SLURM chose; else CUDA_VISIBLE_DEVICES of `gpus` free
+    GPUs."""
     if gpus < 1 or total < 1 or os.environ.get("SLURM_JOB_ID"):
         return contextlib.nullcontext({})
-    if gpus > 1:
-        raise StepFailed(f"a step asks for {gpus} GPUs; local runs give each training job one")
 
     @contextlib.contextmanager
     def held():
-        with GPUS.hold(total) as gpu:
-            yield {"CUDA_VISIBLE_DEVICES": gpu}
+        with GPUS.hold(total, gpus) as ids:
+            yield {"CUDA_VISIBLE_DEVICES": ",".join(ids)}
 
     return held()
 

@@ -32,7 +32,7 @@ EPOCHS = 6  # the kill lands after epoch 1's checkpoint: 5 epochs of margin befo
 TIMEOUT_S = 1200
 
 
-def args(inputs, backend, out, ck):
+def args(inputs, backend, out, ck, devices: int = 1):
     return dict(
         backend=backend,
         data_dir=inputs["data_dir"],
@@ -40,7 +40,13 @@ def args(inputs, backend, out, ck):
         privacy=inputs["privacy"],
         model={"width": 4, "groups": 2},
         # augmentation on: its generator must also restart where the unbroken run was
-        training={"lr": 0.5, "augment": True, "warmup_epochs": 1, "physical_batch_size": 8},
+        training={
+            "lr": 0.5,
+            "augment": True,
+            "warmup_epochs": 1,
+            "physical_batch_size": 8,
+            **({"devices": devices} if devices > 1 else {}),  # tests/conformance/test_devices.py
+        },
         options={},
         seed=3,
         out_dir=out,
@@ -48,33 +54,37 @@ def args(inputs, backend, out, ck):
     )
 
 
-def runner(backend: str, root) -> list[str]:
+def runner(backend: str, root, devices: int = 1) -> list[str]:
     """The runner on `root`'s own copy of the inputs (deterministic: the same in every copy)."""
     inputs = write_inputs(
         root / "in", num_classes=10, image_size=16, epochs=EPOCHS, private=True, seed=1
     )
-    spec = args(inputs, backend, root / "out", root / "ck")
+    spec = args(inputs, backend, root / "out", root / "ck", devices)
     return step_command("dpscale.runner", venv_python(backend), threads=1, **spec)
 
 
-def unbroken_job(backend: str) -> jobs.Job:
+def label(backend: str, devices: int) -> str:
+    return backend if devices == 1 else f"{backend} devices{devices}"
+
+
+def unbroken_job(backend: str, devices: int = 1) -> jobs.Job:
     def run():
-        root = jobs.workdir(f"resume-{backend}") / "whole"
-        jobs.check_run(runner(backend, root), threads=1, timeout=TIMEOUT_S)
+        root = jobs.workdir(f"resume-{label(backend, devices)}") / "whole"
+        jobs.check_run(runner(backend, root, devices), threads=1, timeout=TIMEOUT_S)
         return root / "out"
 
-    return jobs.Job(f"resume {backend} unbroken", run)
+    return jobs.Job(f"resume {label(backend, devices)} unbroken", run, cores=devices)
 
 
-def broken_job(backend: str) -> jobs.Job:
+def broken_job(backend: str, devices: int = 1) -> jobs.Job:
     """The same run, killed with SIGKILL (no cleanup possible) once a checkpoint exists, then
     run again: (its output folder, the epoch of the kill, the second run's log)."""
 
     def run():
-        root = jobs.workdir(f"resume-{backend}") / "broken"
+        root = jobs.workdir(f"resume-{label(backend, devices)}") / "broken"
         out, ck = root / "out", root / "ck"
         killed_log = root.parent / "killed.log"
-        cmd = runner(backend, root)
+        cmd = runner(backend, root, devices)
         with open(killed_log, "w") as log:
             proc = subprocess.Popen(
                 cmd, stdout=log, stderr=subprocess.STDOUT, env=thread_env(1), start_new_session=True
@@ -95,7 +105,7 @@ def broken_job(backend: str) -> jobs.Job:
         resumed = jobs.check_run(cmd, threads=1, timeout=TIMEOUT_S)
         return out, ck, killed_at, resumed.stdout + resumed.stderr
 
-    return jobs.Job(f"resume {backend} killed", run)
+    return jobs.Job(f"resume {label(backend, devices)} killed", run, cores=devices)
 
 
 @jobs.source
@@ -115,8 +125,12 @@ def results(out):
 
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_kill_then_resume_equals_unbroken_run(backend):
-    whole = jobs.result(unbroken_job(backend))
-    out, ck, killed_at, log = jobs.result(broken_job(backend))
+    check_resume(backend)
+
+
+def check_resume(backend: str, devices: int = 1) -> None:
+    whole = jobs.result(unbroken_job(backend, devices))
+    out, ck, killed_at, log = jobs.result(broken_job(backend, devices))
     assert 1 <= killed_at < EPOCHS
     assert f"resumed from checkpoint {ck / 'state.json'} after epoch {killed_at}/{EPOCHS}" in log
     assert not ck.exists()

@@ -201,6 +201,8 @@ def test_frameworks_train_the_same_plan_in_every_backend(frameworks):
     assert len(private) == len(cfg["backends"]) and private["noise_multiplier"].nunique() == 1
     assert (private["epsilon"] <= 10 + 1e-9).all() and (private["delta"] == 1e-6).all()
     assert s["seconds_per_epoch"].gt(0).all() and s["train_loss"].notna().all()
+    # the smoke scale's devices {reference: 2}: the same plan, its step shared by two processes
+    assert (s["devices"] == s["backend"].map({"reference": 2}).fillna(1)).all()
     table = _paper_table_has_both_columns(frameworks)
     assert (table["ours_runs"] == 1).all()  # the objax rows only
     assert (frameworks.results / "figures/runtime/step_time_ratio.svg").exists()

@@ -69,6 +69,17 @@ BAD = {
     "missing dataset name": (_set("dataset.name", KeyError), "dataset.name: missing"),
     "classes of the wrong form": (_set("splits.classes", "ten"), "splits.classes: 'ten'"),
     "empty backends": (_set("backends", []), "backends:"),
+    "devices in a one-device backend": (
+        lambda c: c.update(training={"devices": 2}, backends=["jax", "objax", "tfprivacy"]),
+        "training.devices: backend(s) objax, tfprivacy train on one device; expected devices 1 "
+        "for them (a map such as {jax: 2} sets it per backend), or backends among jax, "
+        "jaxprivacy, opacus, reference",
+    ),
+    "devices of an unknown backend": (
+        _set("training.devices", {"torch": 2}),
+        "training.devices.torch: unknown backend 'torch'",
+    ),
+    "devices zero": (_set("training.devices", 0), "training.devices: 0 has the wrong form"),
     "frozen groups without transfer": (
         _set("training.frozen_groups", 3),
         "training.frozen_groups: 3 without a transfer block",
@@ -190,3 +201,18 @@ def test_a_job_given_a_gpu_must_use_it_unless_the_config_says_otherwise():
     for device in ("auto", "cpu", "gpu"):
         assert dp_config.run_training({**base, "device": device}, gpus=1)["device"] == device
     assert base["device"] is None  # the variant's own settings are not changed
+
+
+def test_a_run_gets_its_backends_number_of_devices(default_config):
+    # training.devices is a number for every backend or a map backend -> number (others 1);
+    # the runner always gets a number.
+    for devices, backend, expected in (
+        (4, "jax", 4),
+        ({"jax": 2}, "jax", 2),
+        ({"jax": 2}, "opacus", 1),
+    ):
+        training = {"device": "gpu", "devices": devices}
+        assert dp_config.run_training(training, 1, backend)["devices"] == expected
+    assert dp_config.validate(default_config, SCHEMA)["training"]["devices"] == 1
+    default_config["training"] = {**default_config.get("training", {}), "devices": {"opacus": 2}}
+    assert dp_config.validate(default_config, SCHEMA)["training"]["devices"] == {"opacus": 2}

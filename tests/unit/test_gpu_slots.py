@@ -1,4 +1,5 @@
-"""A local GPU workstation: each training job gets its own GPU (dpscale.workflow.GpuSlots)."""
+"""A local GPU workstation: each training job gets its own GPUs (dpscale.workflow.GpuSlots),
+training.devices of them."""
 
 from __future__ import annotations
 
@@ -14,7 +15,7 @@ def test_concurrent_jobs_get_distinct_gpus_and_a_third_waits_for_a_free_one():
     slots = workflow.GpuSlots(visible="")
     first, second = slots.hold(2), slots.hold(2)
     got = [first.__enter__(), second.__enter__()]
-    assert sorted(got) == ["0", "1"]
+    assert sorted(got) == [["0"], ["1"]]
     third: list[str] = []
     waiter = threading.Thread(target=lambda: third.append(slots.hold(2).__enter__()))
     waiter.start()
@@ -28,10 +29,28 @@ def test_concurrent_jobs_get_distinct_gpus_and_a_third_waits_for_a_free_one():
 def test_the_gpus_are_those_visible_to_snakemake():
     slots = workflow.GpuSlots(visible="2,5")
     with slots.hold(2) as a, slots.hold(2) as b:
-        assert {a, b} == {"2", "5"}
+        assert {*a, *b} == {"2", "5"}
     too_many = workflow.GpuSlots(visible="2,5").hold(3)
     with pytest.raises(workflow.StepFailed, match="gpu=3 but CUDA_VISIBLE_DEVICES lists 2"):
         too_many.__enter__()
+
+
+def test_a_multi_gpu_job_gets_its_devices_together_and_waits_for_all_of_them():
+    slots = workflow.GpuSlots(visible="0,1,2")
+    one = slots.hold(3)
+    assert one.__enter__() == ["0"]
+    with slots.hold(3, 2) as pair:
+        assert pair == ["1", "2"]
+    two: list[list[str]] = []
+    with slots.hold(3, 2) as pair:  # held: only "0"'s holder and this pair's GPUs are out
+        waiter = threading.Thread(target=lambda: two.append(slots.hold(3, 2).__enter__()))
+        waiter.start()
+        time.sleep(0.2)
+        assert not two, "one GPU is free: a job of two must wait"
+    waiter.join(timeout=5)
+    assert sorted(two[0]) == sorted(pair)
+    with pytest.raises(workflow.StepFailed, match="asks for 4 GPUs, --resources gpu=3"):
+        slots.hold(3, 4).__enter__()
 
 
 def test_gpu_env_is_empty_without_a_gpu_or_inside_slurm(monkeypatch):

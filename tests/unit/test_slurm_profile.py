@@ -3,10 +3,12 @@ and the account, partitions and GPU model all come from the site block at its to
 
 from __future__ import annotations
 
+import types
+
 import yaml
 import yte
 
-from dpscale import backends, envs
+from dpscale import backends, envs, workflow
 
 PROFILE = envs.PROJECT / "profiles/slurm/config.yaml"
 
@@ -44,12 +46,26 @@ def check_site(profile: dict, site: dict) -> None:
     assert {rule for rule, r in resources.items() if "slurm_partition" in r} == set(train_rules())
 
 
-def test_every_backend_trains_on_a_gpu_node():
+def job_amount(expression: str, backend: str, devices: int) -> int:
+    """A profile resource expression evaluated as Snakemake does, for a job of `backend` whose
+    training.devices is `devices` (as workflow/rules/common.smk records it)."""
+    wildcards = types.SimpleNamespace(backend=backend, variant="default")
+    workflow.RUN_DEVICES[(backend, "default")] = devices
+    try:
+        return eval(expression, {"wildcards": wildcards})
+    finally:
+        del workflow.RUN_DEVICES[(backend, "default")]
+
+
+def test_every_backend_trains_on_a_gpu_node_with_its_devices():
     profile = rendered()
     resources = profile["set-resources"]
     for rule in train_rules():
-        assert resources[rule]["gpu"] == 1, rule
-        assert profile["set-threads"][rule] > 1, rule  # data loading beside the GPU
+        assert resources[rule]["nodes"] == 1, rule  # a data-parallel run's GPUs on one node
+        for devices in (1, 4):
+            assert job_amount(resources[rule]["gpu"], "jax", devices) == devices, rule
+            # data loading and host-side work beside each GPU
+            assert job_amount(profile["set-threads"][rule], "jax", devices) == 8 * devices
     assert profile["set-threads"]["prepare"] > 1 and "gpu" not in resources["prepare"]
 
 
@@ -74,4 +90,4 @@ def test_gpu_model_null_asks_for_any_gpu_type():
     check_site(profile, site)
     for rule in train_rules():
         assert "gpu_model" not in profile["set-resources"][rule]
-        assert profile["set-resources"][rule]["gpu"] == 1
+        assert job_amount(profile["set-resources"][rule]["gpu"], "jax", 1) == 1

@@ -1,8 +1,9 @@
 """GPU requests of a local run (dry runs of the embedded default: no training happens).
 
-training.device gpu makes every training job ask for one GPU; `--resources gpu=N` declares the
-workstation's GPUs, of which each job then gets its own (tests/unit/test_gpu_slots.py). The
-SLURM profile's requests are checked on a real cluster in tests/slurm.
+training.device gpu makes every training job ask for training.devices GPUs (1 by default);
+`--resources gpu=N` declares the workstation's GPUs, of which each job then gets its own
+(tests/unit/test_gpu_slots.py). The SLURM profile's requests are planned here too (a dry run
+submits nothing) and checked on a real cluster in tests/slurm.
 """
 
 from __future__ import annotations
@@ -11,8 +12,11 @@ import re
 import subprocess
 
 import pytest
+import yaml
 
-from tests.conftest import snakemake_cmd
+from tests.conftest import PROJECT, snakemake_cmd
+
+CONFIG = PROJECT / "config/config.yaml"
 
 
 def planned_gpus(tmp_path, *args: str) -> dict[str, set[int]]:
@@ -46,6 +50,28 @@ def test_training_jobs_ask_for_one_gpu_when_the_device_is_gpu(tmp_path, args, tr
     assert len(train) == 5, plan  # the default's five backends
     assert all(g == train_gpus for g in train.values()), train
     assert all(g == {0} for rule, g in plan.items() if rule not in train), plan
+
+
+def devices_config(tmp_path, devices) -> str:
+    path = tmp_path / "devices.yaml"
+    path.write_text(yaml.safe_dump({"training": {"devices": devices}}))
+    return str(path)
+
+
+def test_a_multi_device_run_asks_for_its_devices_locally_and_on_slurm(tmp_path):
+    extra = devices_config(tmp_path, {"reference": 2})
+    local = planned_gpus(
+        tmp_path,
+        *("--configfile", str(CONFIG), extra, "--config", "training={device: gpu}"),
+        *("--resources", "gpu=2"),
+    )
+    slurm = planned_gpus(
+        tmp_path, "--profile", str(PROJECT / "profiles/slurm"), "--configfile", str(CONFIG), extra
+    )
+    for plan in (local, slurm):
+        train = {rule: g for rule, g in plan.items() if rule.startswith("train_")}
+        assert train.pop("train_reference") == {2}, plan
+        assert all(g == {1} for g in train.values()), plan  # the map leaves them at 1
 
 
 def test_a_site_interpreter_replaces_the_backend_venv_in_the_plan(tmp_path):

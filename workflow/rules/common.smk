@@ -7,6 +7,7 @@ from dpscale import config as dp_config
 from dpscale import envs as dp_envs
 from dpscale import levels as dp_levels
 from dpscale import resources as dp_resources
+from dpscale import workflow as dp_workflow
 from dpscale.workflow import run_step
 
 try:
@@ -90,9 +91,25 @@ def declared_gpus():
 
 
 def train_gpus(w):
-    """One GPU for a run that requires one (training.device gpu). The slurm profile gives every
-    training job one, which a run with device unset then requires (config.run_training)."""
-    return int(VARIANTS[w.variant]["training"]["device"] == "gpu")
+    """training.devices GPUs for a run that requires them (training.device gpu). The slurm
+    profile gives every training job as many (dpscale.workflow.job_devices), which a run with
+    device unset then requires (config.run_training)."""
+    training = VARIANTS[w.variant]["training"]
+    return dp_config.run_devices(training, w.backend) * int(training["device"] == "gpu")
+
+
+# The devices of every training job, for the slurm profile's gpu and threads expressions.
+dp_workflow.RUN_DEVICES.update(
+    {
+        (backend, variant): dp_config.run_devices(v["training"], backend)
+        for backend in BACKENDS
+        for variant, v in VARIANTS.items()
+    }
+)
+if config["transfer"]:
+    dp_workflow.RUN_DEVICES[("pretrain", "")] = dp_config.run_devices(
+        dp_config.pretrain_training(config), config["transfer"]["backend"]
+    )
 
 
 def run_dir(split, backend, level, variant, seed):
@@ -155,7 +172,7 @@ def train_args(wildcards, input, output, params, resources):
         split=input.split,
         privacy=input.privacy,
         model=VARIANTS[wildcards.variant]["model"],
-        training=dp_config.run_training(training, resources.get("gpu", 0)),
+        training=dp_config.run_training(training, resources.get("gpu", 0), wildcards.backend),
         options=config["backend_options"].get(wildcards.backend, {}),
         seed=wildcards.seed,
         init=input.get("init"),
@@ -188,7 +205,7 @@ def pretrain_args(input, output, params, resources):
         privacy=output.privacy,
         model=config["model"],
         training=dp_config.run_training(
-            dp_config.pretrain_training(config), resources.get("gpu", 0)
+            dp_config.pretrain_training(config), resources.get("gpu", 0), backend
         ),
         options=config["backend_options"].get(backend, {}),
         seed=0,

@@ -14,6 +14,11 @@ _HERE = Path(__file__).parent
 _NOT_BACKENDS = {"base"}
 # Backends whose adapter implements `freeze` (training.frozen_groups, transfer learning).
 FREEZING = ("opacus", "reference")
+# Backends that share a logical step over training.devices > 1 (base.Adapter.multi_device).
+MULTI_DEVICE = ("jax", "jaxprivacy", "opacus", "reference")
+# Of those, the ones that run one process per device (torch.distributed; the runner starts
+# them): jax and jaxprivacy shard over the local devices of one process instead.
+PROCESS_PER_DEVICE = ("opacus", "reference")
 
 
 def available() -> list[str]:

@@ -81,6 +81,26 @@ def device_name(device) -> str:
     return f"cuda:{device.device_kind}" if device.platform in ("gpu", "cuda") else "cpu"
 
 
+# jax.config option that splits a CPU host into N XLA devices before JAX starts (the XLA flag
+# --xla_force_host_platform_device_count does the same but is lost behind the single-thread
+# flags above: XLA stops reading XLA_FLAGS at their non-flag token).
+HOST_DEVICES_OPTION = "jax_num_cpu_devices"
+
+
+def device_mesh(jax_module, devices: int):
+    """A one-axis ("d") Mesh over the first `devices` local devices; None for one device."""
+    if devices == 1:
+        return None
+    seen = jax_module.local_devices()
+    if len(seen) < devices:
+        raise ValueError(
+            f"training.devices={devices}, but JAX sees {len(seen)} device(s) "
+            f"[{', '.join(device_name(d) for d in seen)}]; expected {devices} (a node's GPUs, "
+            f"or a CPU split by jax.config {HOST_DEVICES_OPTION}={devices} before JAX starts)"
+        )
+    return jax_module.sharding.Mesh(np.array(seen[:devices]), ("d",))
+
+
 class JaxDevice:
     """base.Adapter's device hooks for an adapter on JAX (whichever release its venv has;
     imported lazily, so this module stays framework-free). The adapter says, by
@@ -101,6 +121,9 @@ class JaxDevice:
         # JAX's GPU default for float32 matmuls and convolutions is TF32: say it either way.
         precision = "tensorfloat32" if runtime.precision == "tf32" else "float32"
         jax.config.update("jax_default_matmul_precision", precision)
+        # On a CPU, N host devices (GPUs are devices of their own); set once per process.
+        if runtime.devices > 1 and getattr(jax.config, HOST_DEVICES_OPTION) < runtime.devices:
+            jax.config.update(HOST_DEVICES_OPTION, runtime.devices)
 
     def _visible_devices(self) -> list[str]:
         import jax

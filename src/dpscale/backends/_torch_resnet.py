@@ -165,11 +165,14 @@ def device_name(device: torch.device) -> str:
 
 class TorchModel:
     """The model and device halves of the Adapter contract for a torch adapter holding `model`
-    on `_device` (which `pick_device` chooses)."""
+    on `_device` (which `pick_device` chooses), and its data parallelism over processes
+    (torch.distributed: gloo on CPUs, NCCL on GPUs, one GPU per rank): the adapter names the
+    tensors it accumulates into (`_grad_sums`), `_all_reduce` sums them over the ranks."""
 
     model: nn.Module
     _device: torch.device
     framework = "PyTorch"
+    multi_device = True
 
     @property
     def gpu_fix(self) -> str:
@@ -183,7 +186,62 @@ class TorchModel:
         )
 
     def pick_device(self) -> torch.device:
-        return torch.device("cuda" if self.use_gpu() else "cpu")
+        """The device of this process: cuda:LOCAL_RANK of a data-parallel run's GPUs."""
+        gpu = self.use_gpu()
+        local = self._join_process_group(gpu) if self.runtime.devices > 1 else 0
+        return torch.device("cuda", local) if gpu else torch.device("cpu")
+
+    def _join_process_group(self, gpu: bool) -> int:
+        """Join the run's torch.distributed group from the launcher's environment (RANK,
+        WORLD_SIZE, LOCAL_RANK, MASTER_ADDR, MASTER_PORT); return the local rank."""
+        import torch.distributed as dist
+
+        n, env = self.runtime.devices, os.environ
+        if "RANK" not in env or env.get("WORLD_SIZE") != str(n):
+            raise ValueError(
+                f"training.devices={n} needs {n} processes with RANK and WORLD_SIZE={n} set; "
+                "expected the launch by python -m dpscale.runner, which starts them"
+            )
+        self.rank, self.workers = int(env["RANK"]), n
+        local = int(env.get("LOCAL_RANK", self.rank))
+        if gpu:
+            if torch.cuda.device_count() <= local:
+                raise ValueError(
+                    f"rank {self.rank} wants GPU {local}, torch sees {torch.cuda.device_count()}"
+                    f"; expected training.devices={n} GPUs visible to the run"
+                )
+            torch.cuda.set_device(local)
+        if not dist.is_initialized():
+            dist.init_process_group("nccl" if gpu else "gloo", rank=self.rank, world_size=n)
+        return local
+
+    def _grad_sums(self) -> list[torch.Tensor]:
+        """The tensors the adapter's _accumulate has summed into (created if still absent)."""
+        raise NotImplementedError
+
+    def _all_reduce(self, loss_sum: float, count: int) -> tuple[float, int]:
+        if self.workers == 1:
+            return loss_sum, count
+        import torch.distributed as dist
+
+        sums = self._grad_sums()
+        # One collective for all gradient sums (a flat copy), one for the loss sum and count.
+        flat = torch.cat([t.reshape(-1) for t in sums])
+        dist.all_reduce(flat)
+        offset = 0
+        for t in sums:
+            t.copy_(flat[offset : offset + t.numel()].view_as(t))
+            offset += t.numel()
+        stats = torch.tensor([loss_sum, count], dtype=torch.float64, device=self._device)
+        dist.all_reduce(stats)
+        return float(stats[0]), int(stats[1])
+
+    def close(self) -> None:
+        if self.workers > 1:
+            import torch.distributed as dist
+
+            if dist.is_initialized():
+                dist.destroy_process_group()
 
     def _configure(self, runtime: Runtime) -> None:
         # torch defaults differ by op (TF32 convolutions on, matmuls off): one policy for both.

@@ -38,11 +38,22 @@ model is built, `_visible_devices()` says what the framework sees (so that `devi
 at construction, in one line, instead of training on the CPU), `synchronize()` waits for the
 device's queued work (step timers call it), `device()` names the device as "cpu" or
 "cuda:<model>" in every backend.
+
+Data parallelism (training.devices N, `Runtime.devices`): a logical step's physical chunks are
+spread over N workers, chunk i to worker i % N (`_local_chunks`). Each worker accumulates the
+clipped sums of its own chunks; `_all_reduce` then sums the accumulators, the loss sums and the
+counts over the workers, once, before `_apply`. The noise is one draw per logical step because
+every worker holds the same noise RNG state (same seed, same reseeds, same checkpoint) and adds
+the identical draw to the identical reduced sum: the weights stay identical on every worker,
+with no broadcast. Torch backends run N processes (`workers`, `rank`: torch.distributed, one
+device each); jax runs one process over N local devices (workers 1: it shards the chunks itself
+in `_accumulate_chunks`). Only rank 0 writes outputs and checkpoints (the runner's rule).
 """
 
 from __future__ import annotations
 
 import abc
+import hashlib
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -107,8 +118,11 @@ class Runtime:
     device: str = "auto"
     precision: str = "fp32"
     deterministic: bool = False
+    devices: int = 1  # data-parallel workers sharing each logical step (training.devices)
 
     def __post_init__(self) -> None:
+        if not isinstance(self.devices, int) or self.devices < 1:
+            raise ValueError(f"devices {self.devices!r}; expected an integer >= 1")
         if self.device not in DEVICES:
             raise ValueError(f"device {self.device!r}; expected one of {', '.join(DEVICES)}")
         if self.precision not in PRECISIONS:
@@ -150,6 +164,12 @@ class Adapter(abc.ABC):
     framework: str = ""
     #: how to get a GPU when the framework sees none
     gpu_fix: str = "build the cuda env (accelerator: cuda)"
+    #: whether the adapter can share a logical step over runtime.devices > 1 (see the module's
+    #: docstring; dpscale.backends.MULTI_DEVICE lists these backends without importing them)
+    multi_device: bool = False
+    #: this process among the `workers` processes that share each logical step
+    rank: int = 0
+    workers: int = 1
 
     def __init__(
         self,
@@ -172,6 +192,13 @@ class Adapter(abc.ABC):
             raise ValueError(
                 f"unknown {self.backend} backend option(s) {unknown}; "
                 f"expected one of {sorted(self.OPTIONS)}"
+            )
+        if runtime.devices > 1 and not self.multi_device:
+            from dpscale.backends import MULTI_DEVICE
+
+            raise ValueError(
+                f"training.devices={runtime.devices}, but the {self.backend} backend runs on one "
+                f"device; expected devices 1, or a backend among {', '.join(MULTI_DEVICE)}"
             )
         self._configure(runtime)
         if runtime.device == "gpu":
@@ -254,11 +281,9 @@ class Adapter(abc.ABC):
         cfg = self._require_setup("train_step")
         for chunk in chunks:
             self.check_batch(chunk, cfg.physical_batch_size)
-        loss_sum, count = 0.0, 0
-        for chunk in chunks:
-            if chunk.size:  # an all-padding chunk adds nothing; skip its compute
-                loss_sum += float(self._accumulate(chunk, cfg.private))
-                count += chunk.size
+        loss_sum, count = self._accumulate_chunks(self._local_chunks(chunks), cfg.private)
+        # Every worker's sums together, once, before the one noise draw (the module's docstring).
+        loss_sum, count = self._all_reduce(loss_sum, count)
         if cfg.private:
             # One draw per logical step, whatever its chunking, also for an empty logical batch
             # (Poisson sampling can draw nobody); divided by B, never by the realized size.
@@ -267,6 +292,34 @@ class Adapter(abc.ABC):
             self._apply(None, float(max(count, 1)), lr)
         # An empty logical batch has no loss to average; 0.0 keeps the runner's NaN check quiet.
         return loss_sum / count if count else 0.0
+
+    def _local_chunks(self, chunks: list[Batch]) -> list[Batch]:
+        """The chunks this worker accumulates: chunk i goes to worker i % workers."""
+        return chunks[self.rank :: self.workers]
+
+    def _accumulate_chunks(self, chunks: list[Batch], private: bool) -> tuple[float, int]:
+        """(loss sum, real rows) of `chunks`, their gradient sums added to the accumulator."""
+        loss_sum, count = 0.0, 0
+        for chunk in chunks:
+            if chunk.size:  # an all-padding chunk adds nothing; skip its compute
+                loss_sum += float(self._accumulate(chunk, private))
+                count += chunk.size
+        return loss_sum, count
+
+    def _all_reduce(self, loss_sum: float, count: int) -> tuple[float, int]:
+        """Sum the accumulators, loss sums and counts of all `workers` (every one gets the
+        totals); with one worker there is nothing to do."""
+        if self.workers > 1:
+            raise NotImplementedError(f"{self.backend} backend: no all-reduce for {self.workers}")
+        return loss_sum, count
+
+    def weights_digest(self) -> str:
+        """sha256 of the canonical weights: equal on every worker of a data-parallel run."""
+        h = hashlib.sha256()
+        for name, w in sorted(self.get_weights().items()):
+            h.update(name.encode())
+            h.update(np.ascontiguousarray(w, np.float32).tobytes())
+        return h.hexdigest()
 
     def clipped_grad_sum(self, batch: Batch, clip_norm: float) -> dict[str, np.ndarray]:
         """Sum over real examples of per-example gradients clipped to `clip_norm`, no noise, in
@@ -334,6 +387,10 @@ class Adapter(abc.ABC):
         self.set_weights({k[2:]: v for k, v in arrays.items() if k.startswith("w/")})
         self._set_momentum({k[2:]: v for k, v in arrays.items() if k.startswith("m/")})
         self._set_noise_state(arrays["noise_state"])
+
+    def close(self) -> None:
+        """Release what the adapter holds beyond the process's life (a process group)."""
+        return None
 
     # -- reporting (optional) ---------------------------------------------------------------
     def backend_epsilon(self, sample_rate: float, steps: int, delta: float) -> dict | None:

@@ -13,6 +13,12 @@ This module is dpscale.backends.jax; `import jax` below is the real package (abs
 - optax.inject_hyperparams(optax.sgd)(momentum=mu): optax's trace is t = mu*t + g and the update
   -lr*t, PyTorch's convention; the runner's lr enters as a hyperparameter, not a recompile.
 - Each step function is jitted once per physical shape (clip norm, sigma, B, lr are traced).
+- training.devices N > 1 (base.py's data parallelism, in one process): the logical batch's
+  chunks go N at a time, one per device of a Mesh of N local devices (chunk i on device i % N),
+  as one (N*P)-row batch sharded by rows; the same jitted chunk function then computes each
+  device's clipped sum and XLA sums them across the devices (GSPMD). Weights, momentum and the
+  key are replicated, so the one noise draw and the update are the same on every device. On a
+  CPU the host is split into N XLA devices (jax.config jax_num_cpu_devices).
 
 Options: `eval_batch_size` (prediction chunk, default 128), `compilation_cache` (true: XLA's
 persistent cache in the venv; false; or a folder), `conv`: "patches" computes convolutions as
@@ -37,6 +43,7 @@ from dpscale.backends.base import Adapter as BaseAdapter
 from dpscale.backends.base import Batch, StepConfig, check_weights
 from dpscale.models.resnet import GN_EPS, ResNetSpec, blocks, init_weights, param_shapes
 
+BATCH_FIELDS = ("x", "y", "mask")
 CLIP_EPS = 1e-6  # as the reference: guards 0/0 for an all-zero gradient
 
 
@@ -203,6 +210,7 @@ def _update(tx, noise, params, opt_state, gsum, key, std, divisor, lr, momentum)
 
 class Adapter(jc.JaxDevice, BaseAdapter):
     mode = "jax-vmap"
+    multi_device = True
     #: the DP machinery, jitted pure functions: (params, x, y, mask, clip_norm, spec, impl) ->
     #: (clipped sum, loss sum), and (gsum, key, std) -> (gsum + noise, next key)
     dp_chunk = staticmethod(dp_chunk)
@@ -222,6 +230,7 @@ class Adapter(jc.JaxDevice, BaseAdapter):
         if self._eval_rows < 1:
             raise ValueError(f"jax option eval_batch_size={self._eval_rows}; expected >= 1")
         self._shapes = param_shapes(spec)
+        self._mesh = jc.device_mesh(jax, self.runtime.devices)
         self.params: dict = {}
         self.set_weights(init_weights(spec, seed))
         self._key = jax.random.key(seed)
@@ -252,7 +261,16 @@ class Adapter(jc.JaxDevice, BaseAdapter):
 
     def set_weights(self, weights: dict[str, np.ndarray]) -> None:
         check_weights(weights, self._shapes)
-        self.params = {n: jnp.asarray(weights[n], dtype=jnp.float32) for n in self._shapes}
+        self.params = self._place(
+            {n: jnp.asarray(weights[n], dtype=jnp.float32) for n in self._shapes}
+        )
+
+    def _place(self, tree, rows: bool = False):
+        """`tree` on the run's devices: as is on one; replicated (or split by rows) on a mesh."""
+        if self._mesh is None:
+            return tree
+        spec = jax.sharding.PartitionSpec("d") if rows else jax.sharding.PartitionSpec()
+        return jax.device_put(tree, jax.sharding.NamedSharding(self._mesh, spec))
 
     def predict(self, x: np.ndarray) -> np.ndarray:
         return jc.predict_padded(
@@ -268,18 +286,39 @@ class Adapter(jc.JaxDevice, BaseAdapter):
 
     # -- the step's hooks -------------------------------------------------------------------
     def _setup(self, step: StepConfig) -> None:
-        self._opt_state = self._tx.init(self.params)
+        self._opt_state = self._place(self._tx.init(self.params))
         self._gsum = None
 
+    def _accumulate_chunks(self, chunks: list[Batch], private: bool) -> tuple[float, int]:
+        """On a mesh of N devices: the real chunks N at a time, one per device (a round short
+        of N is filled with all-padding chunks, which add nothing), as one batch split by rows."""
+        n = self.runtime.devices
+        real = [c for c in chunks if c.size]
+        if n == 1 or not real:
+            return super()._accumulate_chunks(chunks, private)
+        losses, count = [], 0
+        for i in range(0, len(real), n):
+            group = real[i : i + n]
+            empty = Batch(group[0].x, group[0].y, np.zeros_like(group[0].mask))
+            group += [empty] * (n - len(group))
+            rows = Batch(*(np.concatenate([getattr(c, f) for c in group]) for f in BATCH_FIELDS))
+            losses.append(self._accumulate_device(rows, private))
+            count += rows.size
+        return float(sum(losses)), count
+
     def _accumulate(self, chunk: Batch, private: bool) -> float:
-        x, y, m = self._device_batch(chunk)
+        return float(self._accumulate_device(chunk, private))
+
+    def _accumulate_device(self, chunk: Batch, private: bool):
+        """Add the chunk's gradient sum to the accumulator; its loss sum, on the device."""
+        x, y, m = self._place(self._device_batch(chunk), rows=True)
         if private:
             clip = self._step.clip_norm
             g, loss = self.dp_chunk(self.params, x, y, m, clip, self.spec, self._conv_dp)
         else:
             g, loss = nonprivate_chunk(self.params, x, y, m, self.spec, self._conv)
         self._gsum = g if self._gsum is None else tree_add(self._gsum, g)
-        return float(loss)
+        return loss
 
     def _apply(self, noise_std: float | None, divisor: float, lr: float) -> None:
         gsum = self._gsum
@@ -313,7 +352,7 @@ class Adapter(jc.JaxDevice, BaseAdapter):
 
     def _set_momentum(self, momentum: dict[str, np.ndarray]) -> None:
         check_weights(momentum, self._shapes)
-        trace = {n: jnp.asarray(momentum[n], dtype=jnp.float32) for n in self._shapes}
+        trace = self._place({n: jnp.asarray(momentum[n], dtype=jnp.float32) for n in self._shapes})
         self._opt_state = optax.tree_utils.tree_set(self._opt_state, trace=trace)
 
     def _noise_state(self) -> np.ndarray:

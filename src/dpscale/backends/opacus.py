@@ -161,6 +161,22 @@ class Adapter(tr.TorchModel, BaseAdapter):
         loss.backward()  # accumulates into p.grad; _apply divides by the count
         return float(loss.detach())
 
+    def _grad_sums(self) -> list[torch.Tensor]:
+        """Opacus' clipped sums (private) or torch's gradients (not); zeros on a rank that had
+        no chunk. base's rule, not Opacus' DistributedDPOptimizer (noise on rank 0 before the
+        reduction, then / world size, which needs a per-rank B/N): every rank reduces first and
+        adds the same draw from its identically seeded generator in _apply."""
+        private = self._step.private
+        for p in self.trainable().values():
+            held = getattr(p, "summed_grad", None) if private else p.grad
+            if held is None:
+                held = torch.zeros_like(p)
+                if private:
+                    p.summed_grad = held
+                else:
+                    p.grad = held
+        return [p.summed_grad if private else p.grad for p in self.trainable().values()]
+
     def _apply(self, noise_std: float | None, divisor: float, lr: float) -> None:
         for group in self._sgd.param_groups:
             group["lr"] = lr

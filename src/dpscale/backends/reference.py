@@ -124,6 +124,9 @@ class Adapter(tr.TorchModel, BaseAdapter):
             self._acc[name] += g
         return float(loss)
 
+    def _grad_sums(self) -> list[torch.Tensor]:
+        return list(self._acc.values())
+
     @torch.no_grad()
     def _apply(self, noise_std: float | None, divisor: float, lr: float) -> None:
         # The noise in canonical order, one tensor per parameter, from this adapter's generator.

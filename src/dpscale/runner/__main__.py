@@ -9,7 +9,7 @@ import sys
 from pathlib import Path
 
 from dpscale.backends.base import DeviceError, Runtime
-from dpscale.runner import transfer
+from dpscale.runner import launch, loop, transfer
 from dpscale.runner.loop import (
     Run,
     RunnerError,
@@ -62,6 +62,7 @@ def device_runtime(training: dict) -> Runtime:
             device=training["device"],
             precision=training["precision"],
             deterministic=bool(training["deterministic"]),
+            devices=training["devices"],
         )
     except ValueError as err:
         raise RunnerError(f"training.{err}") from err
@@ -81,6 +82,17 @@ def main(argv=None) -> None:
         check_consistency(data, privacy)
         runtime = device_runtime(training)
         from dpscale import backends
+
+        if runtime.devices > 1 and args.backend in backends.PROCESS_PER_DEVICE:
+            if not launch.is_rank():  # the launcher: one runner per device
+                sys.exit(
+                    launch.run_ranks(
+                        [sys.executable, "-m", "dpscale.runner", *(argv or sys.argv[1:])],
+                        runtime.devices,
+                        args.threads,
+                    )
+                )
+            loop.QUIET = launch.quiet_rank()
 
         try:
             adapter_class = backends.load(args.backend)
@@ -119,6 +131,9 @@ def main(argv=None) -> None:
             checkpoint_dir=args.checkpoint_dir,
             transfer=transferred,
         ).train()
+        if runtime.devices > 1:  # the weights every rank ends with: equal, or the run is wrong
+            print(f"rank {adapter.rank} weights sha256 {adapter.weights_digest()}", flush=True)
+        adapter.close()
     except RunnerError as err:
         print(f"dpscale.runner: error: {err}", file=sys.stderr, flush=True)
         sys.exit(1)

@@ -46,6 +46,8 @@ TRAINING_DEFAULTS = {
     "device": "auto",
     "precision": "fp32",
     "deterministic": False,
+    # Data-parallel workers sharing each logical step (backends.base: Runtime.devices).
+    "devices": 1,
 }
 PRIVACY_REQUIRED = ("private", "sample_rate", "steps", "noise_multiplier", "expected_batch_size")
 
@@ -58,7 +60,12 @@ class NonFiniteLoss(RunnerError):
     pass
 
 
+QUIET = False  # a data-parallel run's ranks other than 0: rank 0 logs for the run
+
+
 def log(msg: str) -> None:
+    if QUIET:
+        return
     print(f"[{time.strftime('%H:%M:%S')}] {msg}", flush=True)
 
 
@@ -170,6 +177,8 @@ def training_config(training: dict) -> dict:
     if cfg["schedule"] not in schedule.SCHEDULES:
         expected = ", ".join(schedule.SCHEDULES)
         raise RunnerError(f"training.schedule={cfg['schedule']!r}; expected one of {expected}")
+    if not isinstance(cfg["devices"], int) or cfg["devices"] < 1:
+        raise RunnerError(f"training.devices={cfg['devices']!r}; expected an integer >= 1")
     if int(cfg["eval_every"]) < 1:
         raise RunnerError(f"training.eval_every={cfg['eval_every']!r}; expected >= 1")
     return cfg
@@ -289,6 +298,9 @@ class Run:
 
     def __post_init__(self) -> None:
         p, t = self.privacy, self.training
+        # Rank 0 of a data-parallel run (and every single-process run) evaluates, checkpoints
+        # and writes the outputs; the other ranks only take the steps.
+        self.writer = self.adapter.rank == 0
         check_consistency(self.data, p)
         self.n_train = len(self.data.train)
         self.q = float(p["sample_rate"])
@@ -505,7 +517,7 @@ class Run:
                 "epsilon": epsilon_after(self.privacy, epoch),
                 "seconds": sum(e["seconds"] for e in timing["epochs"]),
             }
-            if epoch % int(t["eval_every"]) == 0 or epoch == self.epochs:
+            if self.writer and (epoch % int(t["eval_every"]) == 0 or epoch == self.epochs):
                 t0 = time.perf_counter()
                 test_logits, row["test_loss"], row["test_accuracy"] = self.evaluate_test()
                 timing["eval_seconds"] += time.perf_counter() - t0
@@ -517,7 +529,10 @@ class Run:
                 f"{row['test_accuracy']:.4f} eps {_fmt_eps(row['epsilon'])} ({self.eps_note})"
             )
             state["epoch"] = epoch
-            self.save_state(state)
+            if self.writer:
+                self.save_state(state)
+        if not self.writer:  # another rank of a data-parallel run: rank 0 writes
+            return state
         if test_logits is None:
             test_logits = self.evaluate_test()[0]  # resumed after the last epoch's checkpoint
         self.write_outputs(state, test_logits)
@@ -609,6 +624,7 @@ class Run:
             "precision": self.training["precision"],
             "deterministic": bool(self.training["deterministic"]),
             "threads": self.threads,
+            "devices": int(self.training["devices"]),
             "resumes": state["resumes"],
             **self.transfer,
             **{f"version_{k}": str(v) for k, v in versions.items()},
