@@ -19,12 +19,20 @@ SINGLE_THREAD_FLAGS = ("--xla_cpu_multi_thread_eigen=false", "intra_op_paralleli
 DETERMINISTIC_FLAG = "--xla_gpu_deterministic_ops=true"
 
 
+def joined(flags: list[str]) -> str:
+    """XLA_FLAGS text with every --flag before any non-flag token: XLA stops reading at the
+    first non-flag token (intra_op_parallelism_threads=1), so a flag after it would be lost."""
+    return " ".join(
+        [f for f in flags if f.startswith("-")] + [f for f in flags if not f.startswith("-")]
+    )
+
+
 def xla_flags(threads: int, current: str = "") -> str:
     """XLA_FLAGS for a run limited to `threads` threads (only 1 can be enforced); `current` kept."""
     flags = current.split()
     if int(threads) == 1:
         flags += [f for f in SINGLE_THREAD_FLAGS if f not in flags]
-    return " ".join(flags)
+    return joined(flags)
 
 
 def configure_threads(threads: int) -> bool:
@@ -115,7 +123,7 @@ class JaxDevice:
         if runtime.deterministic:
             flags = os.environ.get("XLA_FLAGS", "").split()
             if DETERMINISTIC_FLAG not in flags:
-                os.environ["XLA_FLAGS"] = " ".join([*flags, DETERMINISTIC_FLAG])
+                os.environ["XLA_FLAGS"] = joined([*flags, DETERMINISTIC_FLAG])
         import jax
 
         # JAX's GPU default for float32 matmuls and convolutions is TF32: say it either way.
