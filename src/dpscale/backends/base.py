@@ -150,6 +150,9 @@ class Adapter(abc.ABC):
     framework: str = ""
     #: how to get a GPU when the framework sees none
     gpu_fix: str = "build the cuda env (accelerator: cuda)"
+    #: set by the runner before setup_training under privacy.secure_randomness: a framework
+    #: with a hardened noise sampler uses it (Opacus' secure_mode); the noise's law is the same
+    secure_noise: bool = False
 
     def __init__(
         self,
