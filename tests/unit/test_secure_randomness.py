@@ -16,7 +16,7 @@ from dpscale.runner import plan
 from dpscale.runner.synthetic import write_inputs
 from dpscale.workflow import step_command, thread_env
 from tests.conftest import venv_python
-from tests.unit.test_runner_reference import MODEL, train
+from tests.unit.test_runner_reference import runner_args, train
 
 EPOCHS = 6  # the kill lands after epoch 1's checkpoint, with epochs to spare
 
@@ -50,21 +50,8 @@ def logged_batches(log: str) -> dict[int, list[int]]:
 def test_secure_run_resumes_its_secret_plan_and_writes_it_nowhere(tmp_path):
     inputs = write_inputs(tmp_path / "in", epochs=EPOCHS, private=True)
     out, ck = tmp_path / "out", tmp_path / "ck"
-    cmd = step_command(
-        "dpscale.runner",
-        venv_python("reference"),
-        backend="reference",
-        data_dir=inputs["data_dir"],
-        split=inputs["split"],
-        privacy=inputs["privacy"],
-        model=MODEL,
-        training={"lr": 0.5},
-        seed=0,
-        secure_randomness=True,
-        out_dir=out,
-        checkpoint_dir=ck,
-        threads=1,
-    )
+    args = runner_args(inputs, out, ck, secure_randomness=True)
+    cmd = step_command("dpscale.runner", venv_python("reference"), threads=1, **args)
     killed_log = tmp_path / "killed.log"
     with open(killed_log, "w") as log:
         proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=thread_env(1))
