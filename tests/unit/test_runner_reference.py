@@ -25,9 +25,8 @@ from tests.conftest import venv_python
 MODEL = {"width": 4, "groups": 2}
 
 
-def train(tmp_path, inputs, name, **overrides):
-    """Run the runner as the train rule does (run_step); return (out_dir, ckpt_dir, log text)."""
-    out, ck, log = tmp_path / name / "out", tmp_path / name / "ck", tmp_path / f"{name}.log"
+def runner_args(inputs, out, ck, **overrides) -> dict:
+    """The runner's arguments for a tiny reference run on `inputs` (write_inputs)."""
     args = dict(
         backend="reference",
         data_dir=inputs["data_dir"],
@@ -40,7 +39,13 @@ def train(tmp_path, inputs, name, **overrides):
         out_dir=out,
         checkpoint_dir=ck,
     )
-    args.update(overrides)
+    return {**args, **overrides}
+
+
+def train(tmp_path, inputs, name, **overrides):
+    """Run the runner as the train rule does (run_step); return (out_dir, ckpt_dir, log text)."""
+    out, ck, log = tmp_path / name / "out", tmp_path / name / "ck", tmp_path / f"{name}.log"
+    args = runner_args(inputs, out, ck, **overrides)
     run_step("dpscale.runner", log, venv_python("reference"), 1, **args)
     return out, ck, log.read_text()
 

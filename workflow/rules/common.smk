@@ -133,7 +133,9 @@ def all_runs():
 
 
 def all_targets():
-    return [str(RESULTS / "summary.csv"), *figure_targets(), *paper_targets()]
+    # The equivalence check when there is something to compare (rules/equivalence.smk).
+    equivalence = [str(RESULTS / "equivalence/equivalence.json")] if len(BACKENDS) > 1 else []
+    return [str(RESULTS / "summary.csv"), *figure_targets(), *paper_targets(), *equivalence]
 
 
 def paper_targets():
@@ -175,6 +177,7 @@ def train_args(wildcards, input, output, params, resources):
         training=dp_config.run_training(training, resources.get("gpu", 0), wildcards.backend),
         options=config["backend_options"].get(wildcards.backend, {}),
         seed=wildcards.seed,
+        secure_randomness=config["privacy"]["secure_randomness"],
         init=input.get("init"),
         out_dir=Path(output.metrics).parent,
         checkpoint_dir=params.checkpoint,
@@ -225,4 +228,46 @@ def train_runtime(wildcards, attempt):
         width=config["model"]["width"],
         stem=config["model"]["stem"],
         attempt=attempt,
+    )
+
+
+# -- equivalence (rules/equivalence.smk): the experiment's first split, level and variant ------
+def equivalence_case():
+    """(split, level, variant): the first private level's plan if there is one."""
+    private = [level for level in LEVELS if level != "none"]
+    return SPLITS[0], (private or LEVELS)[0], next(iter(VARIANTS))
+
+
+def equivalence_reference():
+    """The reference backend when it runs, else the first configured one."""
+    return "reference" if "reference" in BACKENDS else BACKENDS[0]
+
+
+def equivalence_gpus():
+    return int(VARIANTS[equivalence_case()[2]]["training"]["device"] == "gpu")
+
+
+def equivalence_inputs(w):
+    split, level, variant = equivalence_case()
+    return {
+        "env": env_ready(w.backend),
+        **data_files(),
+        "split": split_file(split),
+        "privacy": privacy_file(split, level, variant),
+    }
+
+
+def equivalence_args(wildcards, input, output, resources):
+    variant = VARIANTS[equivalence_case()[2]]
+    return dict(
+        action="run",
+        backend=wildcards.backend,
+        data_dir=Path(input["images.npy"]).parent,
+        split=input.split,
+        privacy=input.privacy,
+        model=variant["model"],
+        training=dp_config.run_training(variant["training"], resources.get("gpu", 0)),
+        options=config["backend_options"].get(wildcards.backend, {}),
+        seed=SEEDS[0],
+        out=output[0],
     )

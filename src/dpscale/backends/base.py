@@ -170,6 +170,9 @@ class Adapter(abc.ABC):
     #: this process among the `workers` processes that share each logical step
     rank: int = 0
     workers: int = 1
+    #: set by the runner before setup_training under privacy.secure_randomness: a framework
+    #: with a hardened noise sampler uses it (Opacus' secure_mode); the noise's law is the same
+    secure_noise: bool = False
 
     def __init__(
         self,

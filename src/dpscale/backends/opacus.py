@@ -108,7 +108,11 @@ class Adapter(tr.TorchModel, BaseAdapter):
             expected_batch_size=batch_size,
             loss_reduction="mean",
             generator=self._gen,
-            secure_mode=False,
+            # secure_mode: each draw the sum of 4 Gaussians / 2 (same law), against the
+            # floating-point attack on the noise's low bits (arXiv 2112.05307). Opacus'
+            # PrivacyEngine(secure_mode=True) would also need torchcsprng, which has no build
+            # for our torch; the generator is seeded by the runner (OS entropy when secure).
+            secure_mode=self.secure_noise,
         )
 
     def _dp_backward(self, gsm, opt, x: torch.Tensor, y: torch.Tensor) -> float:

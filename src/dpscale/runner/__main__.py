@@ -48,6 +48,11 @@ def parser() -> argparse.ArgumentParser:
         "--init", type=Path, help="pre-trained weights.npz: start from its body (transfer)"
     )
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument(
+        "--secure-randomness",
+        action="store_true",
+        help="batch plan and noise from OS entropy, recorded nowhere (privacy.secure_randomness)",
+    )
     p.add_argument("--out-dir", required=True, type=Path)
     p.add_argument("--checkpoint-dir", required=True, type=Path)
     p.add_argument("--threads", type=int, default=int(os.environ.get("DPSCALE_THREADS", "1")))
@@ -130,6 +135,7 @@ def main(argv=None) -> None:
             out_dir=args.out_dir,
             checkpoint_dir=args.checkpoint_dir,
             transfer=transferred,
+            secure_randomness=args.secure_randomness,
         ).train()
         if runtime.devices > 1:  # the weights every rank ends with: equal, or the run is wrong
             print(f"rank {adapter.rank} weights sha256 {adapter.weights_digest()}", flush=True)

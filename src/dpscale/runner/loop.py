@@ -1,6 +1,12 @@
 """The training loop every backend runs: plan, feed, step, evaluate, time, checkpoint, write.
 
 Framework-free (numpy only): the adapter is the only thing that touches a framework.
+
+Randomness: the batch plan, the augmentation and the noise of epoch e derive from (root, e). The
+root is the run's public seed (reproducible), or with secure_randomness 128 bits drawn from the
+OS's entropy once per run (`secrets`), kept only in the checkpoint's state.json so that a
+resumed run continues its plan and noise (the checkpoint is as secret as the model, and is
+deleted when the run completes); no output, log line or metric holds it.
 """
 
 from __future__ import annotations
@@ -11,6 +17,7 @@ import json
 import math
 import platform
 import resource
+import secrets
 import shutil
 import sys
 import time
@@ -295,6 +302,7 @@ class Run:
     out_dir: Path
     checkpoint_dir: Path
     transfer: dict = field(default_factory=dict)  # what runner.transfer did, for metrics.json
+    secure_randomness: bool = False  # plan and noise from OS entropy, not the seed (see above)
 
     def __post_init__(self) -> None:
         p, t = self.privacy, self.training
@@ -349,6 +357,8 @@ class Run:
             "steps_per_epoch": self.spe,
             "train": hashlib.sha256(self.data.train.tobytes()).hexdigest(),
         }
+        if self.secure_randomness:  # only then: earlier runs' checkpoints stay resumable
+            ident["secure_randomness"] = True
         return hashlib.sha256(json.dumps(ident, sort_keys=True).encode()).hexdigest()
 
     def load_state(self) -> dict | None:
@@ -397,7 +407,7 @@ class Run:
 
     # -- training ---------------------------------------------------------------------------
     def fresh_state(self) -> dict:
-        return {
+        state = {
             "version": STATE_VERSION,
             "fingerprint": self.fingerprint(),
             "epoch": 0,
@@ -414,14 +424,36 @@ class Run:
                 "skipped_empty_steps": 0,
             },
         }
+        if self.secure_randomness:
+            state["secret_root"] = secrets.randbits(128)
+        return state
+
+    def random_root(self, state: dict) -> int:
+        """What the plan, augmentation and noise of every epoch derive from (module docstring)."""
+        return state["secret_root"] if self.secure_randomness else self.seed
 
     def evaluate_test(self) -> tuple[np.ndarray, float, float]:
         logits = predict(self.adapter, self.data, self.data.test, self.physical)
         y = self.data.labels[self.data.test]
         return logits, cross_entropy(logits, y), accuracy(logits, y)
 
+    def learning_rate(self, step: int) -> float:
+        """The rate of 0-based global `step`: warm-up, then the configured schedule."""
+        return schedule.learning_rate(
+            step, self.total_steps, self.base_lr, self.training["schedule"], self.warmup
+        )
+
+    def chunks(self, positions: np.ndarray, aug: np.random.Generator | None) -> list:
+        """The padded chunks of one logical batch (positions into the training rows)."""
+        data = self.data
+        return [
+            feed.make_batch(data.images, data.labels, data.train[pos], mask, aug)
+            for pos, mask in plan.chunk_indices(positions, self.physical)
+        ]
+
     def train(self) -> dict:
-        a, t, data = self.adapter, self.training, self.data
+        a, t = self.adapter, self.training
+        a.secure_noise = self.secure_randomness
         a.setup_training(self.step_config)
         state = self.load_state()
         if state is None:
@@ -439,37 +471,34 @@ class Run:
             f"{self.total_steps} steps ({self.spe}/epoch), q={self.q:.6g}, "
             f"B={self.step_config.expected_batch_size:g}, physical batch {self.physical}, "
             f"private={self.private}, sigma={self.step_config.noise_multiplier:g}, "
-            f"C={self.step_config.clip_norm:g}, n_train={self.n_train}, threads={self.threads}"
+            f"C={self.step_config.clip_norm:g}, n_train={self.n_train}, threads={self.threads}, "
+            + (
+                "plan and noise from OS entropy (secure_randomness; not recorded)"
+                if self.secure_randomness
+                else f"plan and noise from seed {self.seed}"
+            )
         )
         test_logits = None
         warm_pending = True  # the first step of this process compiles / warms up
+        root = self.random_root(state)
         for epoch in range(state["epoch"] + 1, self.epochs + 1):
-            a.reseed(plan.noise_seed(self.seed, epoch))
-            batches = plan.epoch_plan(
-                self.n_train, self.q, self.lengths[epoch - 1], self.seed, epoch
-            )
-            aug = plan.epoch_rng(self.seed, epoch, plan.AUGMENT_STREAM) if t["augment"] else None
+            a.reseed(plan.noise_seed(root, epoch))
+            batches = plan.epoch_plan(self.n_train, self.q, self.lengths[epoch - 1], root, epoch)
+            aug = plan.epoch_rng(root, epoch, plan.AUGMENT_STREAM) if t["augment"] else None
             t_epoch = time.perf_counter()
             loss_sum, loss_n, held_warmup = 0.0, 0, False
             log_every = max(1, len(batches) // 4)
             last_log = time.monotonic()
             for i, positions in enumerate(batches):
                 step = (epoch - 1) * self.spe + i
-                lr = schedule.learning_rate(
-                    step, self.total_steps, self.base_lr, t["schedule"], self.warmup
-                )
+                lr = self.learning_rate(step)
                 b = len(positions)
                 if b == 0 and not self.private:
                     # A non-private step has no gradient to average; a private one still adds
                     # noise (the accountant counts it), so only this case is skipped.
                     timing["skipped_empty_steps"] += 1
                     continue
-                rows = data.train
-                chunks = [
-                    feed.make_batch(data.images, data.labels, rows[pos], mask, aug)
-                    for pos, mask in plan.chunk_indices(positions, self.physical)
-                ]
-                loss, dt = timed_step(a, chunks, lr)
+                loss, dt = timed_step(a, self.chunks(positions, aug), lr)
                 if b and not math.isfinite(loss):
                     raise NonFiniteLoss(
                         f"loss is {loss} at step {step + 1} (epoch {epoch}, batch of {b}, "
@@ -623,6 +652,7 @@ class Run:
             "device": a.device(),
             "precision": self.training["precision"],
             "deterministic": bool(self.training["deterministic"]),
+            "secure_randomness": self.secure_randomness,
             "threads": self.threads,
             "devices": int(self.training["devices"]),
             "resumes": state["resumes"],
