@@ -7,7 +7,8 @@ two XLA host devices), through the runner:
   draw, so what differs is only the order in which the clipped sums were added;
 - a run whose every logical batch is empty (q ~ 0) moves the weights by exactly -lr * noise / B
   with noise of std sigma*C: one draw per logical step (two would give sqrt(2) sigma*C), the
-  same on both ranks (their weights' digests, logged at the end, agree);
+  same on both ranks (their weights' digests, logged at the end, agree); the process-per-device
+  backends take it under privacy.secure_randomness, whose root all ranks must share;
 - killed after a checkpoint and resumed with devices 2, it equals the unbroken devices-2 run.
 """
 
@@ -19,6 +20,7 @@ import re
 import numpy as np
 import pytest
 
+from dpscale.backends import PROCESS_PER_DEVICE
 from dpscale.models.resnet import ResNetSpec, init_weights
 from dpscale.runner.synthetic import write_inputs
 from dpscale.workflow import step_command
@@ -63,6 +65,7 @@ def noise_job(backend: str) -> jobs.Job:
             seed=SEED,
             out_dir=root / "out",
             checkpoint_dir=root / "ck",
+            secure_randomness=backend in PROCESS_PER_DEVICE,
         )
         proc = jobs.check_run(cmd, threads=1, timeout=resume.TIMEOUT_S)
         with np.load(root / "out/weights.npz") as z:

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import ctypes
 import os
+import secrets
 import signal
 import socket
 import subprocess
@@ -37,6 +38,9 @@ def _die_with_parent() -> None:
 # Set in the ranks it starts: a RANK inherited from elsewhere (torchrun, a site's wrapper) must
 # not make a runner believe it is one of them.
 LAUNCHED = "DPSCALE_LAUNCHED"
+# A run's secret root (privacy.secure_randomness) must be one for all its ranks: the launcher
+# draws it and hands it down in the ranks' environment only (never an argument, file or log).
+SECRET_ROOT = "DPSCALE_SECRET_ROOT"
 
 
 def is_rank() -> bool:
@@ -49,9 +53,15 @@ def quiet_rank() -> bool:
     return is_rank() and os.environ.get("RANK") != "0"
 
 
-def rank_env(rank: int, n: int, port: int, threads: int) -> dict[str, str]:
+def secret_root() -> int:
+    """A fresh run's secret root: the launcher's (one for every rank), else 128 new bits."""
+    inherited = os.environ.get(SECRET_ROOT) if is_rank() else None
+    return int(inherited) if inherited else secrets.randbits(128)
+
+
+def rank_env(rank: int, n: int, port: int, threads: int, root: int) -> dict[str, str]:
     env = dict(os.environ, RANK=str(rank), WORLD_SIZE=str(n), LOCAL_RANK=str(rank))
-    env[LAUNCHED] = "1"
+    env[LAUNCHED], env[SECRET_ROOT] = "1", str(root)
     env.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), DPSCALE_THREADS=str(threads))
     for var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS"):
         env[var] = str(threads)
@@ -65,8 +75,9 @@ def run_ranks(cmd: list[str], n: int, threads: int) -> int:
     port = free_port()
     cmd = [*cmd, "--threads", str(per_rank)]
     print(f"launching {n} ranks (torch.distributed, {per_rank} thread(s) each)", flush=True)
+    root = secrets.randbits(128)  # used only under secure_randomness, by every rank alike
     procs = [
-        subprocess.Popen(cmd, env=rank_env(r, n, port, per_rank), preexec_fn=_die_with_parent)
+        subprocess.Popen(cmd, env=rank_env(r, n, port, per_rank, root), preexec_fn=_die_with_parent)
         for r in range(n)
     ]
     try:

@@ -4,7 +4,8 @@ Framework-free (numpy only): the adapter is the only thing that touches a framew
 
 Randomness: the batch plan, the augmentation and the noise of epoch e derive from (root, e). The
 root is the run's public seed (reproducible), or with secure_randomness 128 bits drawn from the
-OS's entropy once per run (`secrets`), kept only in the checkpoint's state.json so that a
+OS's entropy once per run (`secrets`; one draw for all ranks of a data-parallel run, see
+runner.launch), kept only in the checkpoint's state.json so that a
 resumed run continues its plan and noise (the checkpoint is as secret as the model, and is
 deleted when the run completes); no output, log line or metric holds it.
 """
@@ -17,7 +18,6 @@ import json
 import math
 import platform
 import resource
-import secrets
 import shutil
 import sys
 import time
@@ -30,7 +30,7 @@ from dpscale import atomic
 from dpscale.backends.base import Adapter, StepConfig
 from dpscale.metrics.losses import per_example_loss
 from dpscale.models.resnet import ResNetSpec
-from dpscale.runner import feed, outputs, plan, schedule
+from dpscale.runner import feed, launch, outputs, plan, schedule
 
 STATE_FILE = "state.json"
 STATE_VERSION = 1
@@ -425,7 +425,7 @@ class Run:
             },
         }
         if self.secure_randomness:
-            state["secret_root"] = secrets.randbits(128)
+            state["secret_root"] = launch.secret_root()
         return state
 
     def random_root(self, state: dict) -> int:
