@@ -16,6 +16,7 @@ import os
 import signal
 import subprocess
 import time
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -30,6 +31,25 @@ from tests.conftest import venv_python
 BACKENDS = sorted(set(backends.available()) | set(envs.names()))
 EPOCHS = 6  # the kill lands after epoch 1's checkpoint: 5 epochs of margin before the end
 TIMEOUT_S = 1200
+
+
+def kill_at_first_checkpoint(cmd: list[str], ck: Path, killed_log: Path) -> None:
+    """Start `cmd` (a runner) and SIGKILL it as soon as its first checkpoint's state.json exists."""
+    with open(killed_log, "w") as log:
+        proc = subprocess.Popen(
+            cmd, stdout=log, stderr=subprocess.STDOUT, env=thread_env(1), start_new_session=True
+        )
+        jobs.pool().track(proc, True)
+        try:
+            deadline = time.monotonic() + TIMEOUT_S
+            while not (ck / "state.json").exists():
+                assert proc.poll() is None, killed_log.read_text()[-2000:]
+                assert time.monotonic() < deadline, "no checkpoint appeared"
+                time.sleep(0.01)
+            os.kill(proc.pid, signal.SIGKILL)
+            assert proc.wait(timeout=60) == -signal.SIGKILL
+        finally:
+            jobs.pool().track(proc, False)
 
 
 def args(inputs, backend, out, ck, devices: int = 1):
@@ -85,21 +105,7 @@ def broken_job(backend: str, devices: int = 1) -> jobs.Job:
         out, ck = root / "out", root / "ck"
         killed_log = root.parent / "killed.log"
         cmd = runner(backend, root, devices)
-        with open(killed_log, "w") as log:
-            proc = subprocess.Popen(
-                cmd, stdout=log, stderr=subprocess.STDOUT, env=thread_env(1), start_new_session=True
-            )
-            jobs.pool().track(proc, True)
-            try:
-                deadline = time.monotonic() + TIMEOUT_S
-                while not (ck / "state.json").exists():
-                    assert proc.poll() is None, killed_log.read_text()[-2000:]
-                    assert time.monotonic() < deadline, "no checkpoint appeared"
-                    time.sleep(0.01)
-                os.kill(proc.pid, signal.SIGKILL)
-                assert proc.wait(timeout=60) == -signal.SIGKILL
-            finally:
-                jobs.pool().track(proc, False)
+        kill_at_first_checkpoint(cmd, ck, killed_log)
         assert not (out / "metrics.json").exists(), "the kill landed after the run finished"
         killed_at = json.loads((ck / "state.json").read_text())["epoch"]
         resumed = jobs.check_run(cmd, threads=1, timeout=TIMEOUT_S)

@@ -4,17 +4,15 @@ the runner end to end in the reference venv (tiny arrays, as test_runner_referen
 from __future__ import annotations
 
 import json
-import os
 import re
-import signal
 import subprocess
-import time
 
 import numpy as np
 
 from dpscale.runner import plan
 from dpscale.runner.synthetic import write_inputs
 from dpscale.workflow import step_command, thread_env
+from tests.conformance.test_resume import kill_at_first_checkpoint
 from tests.conftest import venv_python
 from tests.unit.test_runner_reference import runner_args, train
 
@@ -53,15 +51,7 @@ def test_secure_run_resumes_its_secret_plan_and_writes_it_nowhere(tmp_path):
     args = runner_args(inputs, out, ck, secure_randomness=True)
     cmd = step_command("dpscale.runner", venv_python("reference"), threads=1, **args)
     killed_log = tmp_path / "killed.log"
-    with open(killed_log, "w") as log:
-        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=thread_env(1))
-        deadline = time.monotonic() + 300
-        while not (ck / "state.json").exists():
-            assert proc.poll() is None, killed_log.read_text()[-2000:]
-            assert time.monotonic() < deadline, "no checkpoint appeared"
-            time.sleep(0.01)
-        os.kill(proc.pid, signal.SIGKILL)
-        assert proc.wait(timeout=60) == -signal.SIGKILL
+    kill_at_first_checkpoint(cmd, ck, killed_log)
     state = json.loads((ck / "state.json").read_text())  # the one place the root is kept
     root, killed_at = state["secret_root"], state["epoch"]
     assert 1 <= killed_at < EPOCHS and root.bit_length() > 64
