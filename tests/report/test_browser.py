@@ -7,6 +7,10 @@ few lines of script appended, tours the whole report in one browser launch: it r
 workflow page, then opens each figure the way a reader's clicks do (`app.showCategory`, then
 the result's view and info buttons) and records what is shown, how large, and how varied its
 pixels are; the record comes back in the dumped DOM. One screenshot checks the page itself.
+
+Each figure as the browser drew it comes back too (a PNG at twice the figure's size): the tour's
+`shots/` folder under pytest's tmp dir keeps them, and DPSCALE_SHOTS=<dir> copies them there
+(with the page's own screenshot, home.png) for a person to look at after the run.
 """
 
 from __future__ import annotations

@@ -443,7 +443,7 @@ def membership_roc(roc: pd.DataFrame) -> plt.Figure:
         ax.set_xlabel("false-positive rate (holdout flagged as member)")
         ax.legend(loc="lower right", fontsize="x-small")
     axes[0][0].set_ylabel("true-positive rate (train flagged as member)")
-    fig.suptitle(accounting_text(table), fontsize="small")
+    fig.suptitle(accounting_text(table), fontsize="small", y=1.0, va="bottom")
     fig.tight_layout()
     return fig
 
