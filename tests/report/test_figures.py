@@ -14,7 +14,7 @@ import pytest
 from PIL import Image
 
 from dpscale import levels
-from dpscale.plots import data, figures
+from dpscale.plots import data, figures, style
 
 pytestmark = pytest.mark.slow
 
@@ -180,7 +180,7 @@ def test_membership_histograms_and_roc(demo):
     roc = data.roc_table(_runs(demo, split="balanced"))
     fig = figures.membership_roc(roc)
     titles = [ax.get_title() for ax in fig.axes]
-    assert [t.split(" ")[0] for t in titles] == sorted(demo.cfg["backends"])
+    assert [t.split(" ")[0] for t in titles] == style.backend_order(demo.cfg["backends"])
     legend = _texts(fig)
     for (_backend, _level), rows in roc.groupby(["backend", "level"]):
         assert f"AUC {rows['auc'].iloc[0]:.3f}" in legend
