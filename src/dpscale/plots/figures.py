@@ -308,8 +308,35 @@ def _level_bars(table: pd.DataFrame, y: str, ylabel: str) -> sns.FacetGrid:
     )
     _runtime_titles(grid, title + modes, facets)
     grid.set_axis_labels("", ylabel)
-    grid.legend.set_title("privacy level")
+    # Right of the panels, never over the last one's bars.
+    sns.move_legend(grid, "center left", bbox_to_anchor=(1.0, 0.5), title="privacy level")
     return grid
+
+
+def _label_bars(ax, fmt: str) -> None:
+    """Each bar's value: inside a tall bar (clear of the error bar at its top), in black or
+    white as the bar's colour needs; above a short one. Upright when several levels share a
+    backend's slot (their bars are narrow then)."""
+    top = ax.get_ylim()[1]
+    rotation = 90 if len(ax.containers) > 1 else 0
+    for container in ax.containers:
+        values = [bar.get_height() for bar in container]
+        tall = [v >= 0.3 * top for v in values]
+        face = container.patches[0].get_facecolor() if container.patches else (0, 0, 0, 1)
+        ink = "black" if np.dot(face[:3], [0.299, 0.587, 0.114]) > 0.55 else "white"
+        for inside, kind, color in ((True, "center", ink), (False, "edge", "black")):
+            labels = [
+                fmt.format(v) if t == inside else "" for v, t in zip(values, tall, strict=True)
+            ]
+            ax.bar_label(
+                container,
+                labels=labels,
+                label_type=kind,
+                padding=0 if inside else 2,
+                color=color,
+                fontsize="xx-small",
+                rotation=rotation,
+            )
 
 
 def seconds_per_epoch(summary: pd.DataFrame) -> plt.Figure:
@@ -326,17 +353,7 @@ def step_time_ratio(ratios: pd.DataFrame) -> plt.Figure:
     grid = _level_bars(ratios, "ratio", "DP / non-private step time")
     for ax in grid.axes.flat:
         ax.axhline(1.0, color="black", linewidth=0.8)
-        for container in ax.containers:
-            # Inside the bar, clear of the error bar at its top; upright when several levels
-            # share a backend's slot (level bars are narrow then).
-            ax.bar_label(
-                container,
-                fmt="%.2f×",
-                label_type="center",
-                color="white",
-                fontsize="xx-small",
-                rotation=90 if len(ax.containers) > 1 else 0,
-            )
+        _label_bars(ax, "{:.2f}×")
     style.unclutter(grid.figure)
     return grid.figure
 
