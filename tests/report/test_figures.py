@@ -155,7 +155,8 @@ def test_disparate_impact(demo):
     for _, run in per_class.groupby(["backend", "level"]):
         assert list(run["train_count"]) == counts.tolist()
     drop = data.accuracy_drop(per_class)
-    assert len(drop) == len(counts) * len(demo.cfg["backends"])
+    private = [lv for lv in demo.cfg["privacy"]["levels"] if lv != "none"]
+    assert len(drop) == len(counts) * len(demo.cfg["backends"]) * len(private)
     assert drop["drop"].between(-1, 1).all()
     fig = figures.disparate_impact(drop)
     ax = fig.axes[0]
