@@ -7,14 +7,21 @@ few lines of script appended, tours the whole report in one browser launch: it r
 workflow page, then opens each figure the way a reader's clicks do (`app.showCategory`, then
 the result's view and info buttons) and records what is shown, how large, and how varied its
 pixels are; the record comes back in the dumped DOM. One screenshot checks the page itself.
+
+Each figure as the browser drew it comes back too (a PNG at twice the figure's size): the tour's
+`shots/` folder under pytest's tmp dir keeps them, and DPSCALE_SHOTS=<dir> copies them there
+(with the page's own screenshot, home.png) for a person to look at after the run.
 """
 
 from __future__ import annotations
 
+import base64
 import html
 import json
+import os
 import shutil
 import subprocess
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -53,6 +60,7 @@ FIGURES = (
      ["accuracy vs epsilon", "balanced accuracy"]),
     ("Training curves", "training/longtail.svg", "Loss per epoch on split longtail",
      ["loss per epoch", "longtail"]),
+    ("Runtime", "runtime/seconds_per_epoch.svg", "Seconds per epoch", ["seconds per epoch"]),
     ("Runtime", "runtime/step_time_ratio.svg", "DP step time over non-private step time",
      ["DP / non-private step time"]),
     ("Disparate impact", "disparate_impact/longtail.svg", "Disparate impact on split longtail",
@@ -76,13 +84,16 @@ const step = (delay, action) =>
 const visible = (el) => !!el && el.getClientRects().length > 0
   && getComputedStyle(el).display !== "none" && getComputedStyle(el).visibility !== "hidden";
 const appText = () => document.querySelector("#app").innerText;
-function pixelStd(img) {  // grey-level std of the drawn image: 0 for a blank figure
+function drawn(img) {  // the figure as the browser renders it, at twice its size, on white
   const canvas = document.createElement("canvas");
-  canvas.width = img.naturalWidth; canvas.height = img.naturalHeight;
+  canvas.width = 2 * img.naturalWidth; canvas.height = 2 * img.naturalHeight;
   const ctx = canvas.getContext("2d");
   ctx.fillStyle = "white"; ctx.fillRect(0, 0, canvas.width, canvas.height);
-  ctx.drawImage(img, 0, 0);
-  const d = ctx.getImageData(0, 0, canvas.width, canvas.height).data;
+  ctx.drawImage(img, 0, 0, canvas.width, canvas.height);
+  return canvas;
+}
+function pixelStd(canvas) {  // grey-level std of the drawn image: 0 for a blank figure
+  const d = canvas.getContext("2d").getImageData(0, 0, canvas.width, canvas.height).data;
   let n = 0, sum = 0, sq = 0;
   for (let i = 0; i < d.length; i += 4) {
     const g = 0.299 * d[i] + 0.587 * d[i + 1] + 0.114 * d[i + 2];
@@ -112,7 +123,9 @@ function pixelStd(img) {  // grey-level std of the drawn image: 0 for a blank fi
       const img = Array.from(document.images).find((i) => i.getAttribute("src") === uri);
       seen.shown = !!img && img.complete && img.naturalWidth > 0;
       seen.size = seen.shown ? [img.naturalWidth, img.naturalHeight] : null;
-      seen.pixel_std = seen.shown ? pixelStd(img) : null;
+      const canvas = seen.shown ? drawn(img) : null;
+      seen.pixel_std = canvas ? pixelStd(canvas) : null;
+      seen.png = canvas ? canvas.toDataURL("image/png") : null;  // the screenshot kept
       seen.home_gone = !document.querySelector("#app .title");
       seen.text = appText();
     });
@@ -170,7 +183,29 @@ def tour(chromium, report_html, tmp_path_factory) -> dict:
     dom = chromium_run(chromium, page, root / "profile", "--dump-dom", budget_ms=budget)
     assert "<title>tour done</title>" in dom, dom[dom.find("<title>") :][:80]
     record = dom[dom.index('<pre id="tour">') + len('<pre id="tour">') :]
-    return json.loads(html.unescape(record[: record.index("</pre>")]))
+    tour = json.loads(html.unescape(record[: record.index("</pre>")]))
+    tour["shots"] = root / "shots"
+    for suffix, seen in tour["figures"].items():
+        if seen.get("png"):
+            keep_shot(
+                tour["shots"],
+                shot_name(suffix),
+                base64.b64decode(seen.pop("png").removeprefix("data:image/png;base64,")),
+            )
+    return tour
+
+
+def shot_name(suffix: str) -> str:
+    """'membership/roc/balanced.svg' -> 'membership_roc_balanced.png'."""
+    return suffix.strip("/").removesuffix(".svg").replace("/", "_") + ".png"
+
+
+def keep_shot(folder, name: str, png: bytes) -> None:
+    """A screenshot into `folder` and, when DPSCALE_SHOTS names a folder, a copy there: the
+    figures as the browser shows them, for a person to look at after the run."""
+    for where in filter(None, (folder, os.environ.get("DPSCALE_SHOTS"))):
+        Path(where).mkdir(parents=True, exist_ok=True)
+        (Path(where) / name).write_bytes(png)
 
 
 def test_report_opens_on_the_workflow_page(chromium, report_html, tour, demo, tmp_path):
@@ -186,13 +221,15 @@ def test_report_opens_on_the_workflow_page(chromium, report_html, tour, demo, tm
     chromium_run(chromium, report_html, tmp_path / "profile", f"--screenshot={shot}",
                  budget_ms=10000)  # fmt: skip
     assert shot.exists() and not_blank(shot) > 10
+    keep_shot(tour["shots"], "home.png", shot.read_bytes())
 
 
 @pytest.mark.parametrize(
     ("category", "suffix", "caption", "labels"), FIGURES, ids=[f[1] for f in FIGURES]
 )
 def test_report_shows_each_figure_family(tour, category, suffix, caption, labels):
-    seen = tour["figures"]["/" + suffix.lstrip("/")]
+    suffix = "/" + suffix.lstrip("/")
+    seen = tour["figures"][suffix]
     assert seen["found"], f"no result ending in {suffix} in the report"
     assert seen["shown"], "the figure's image did not load"
     # The figure replaced the rendered workflow page.
@@ -204,3 +241,5 @@ def test_report_shows_each_figure_family(tour, category, suffix, caption, labels
     width, height = seen["size"]
     assert width > 200 and height > 150, seen["size"]
     assert seen["pixel_std"] > 10, "the figure is (nearly) blank"
+    shot = tour["shots"] / shot_name(suffix)  # the browser's rendering, kept to look at
+    assert Image.open(shot).size == (2 * width, 2 * height)

@@ -13,7 +13,8 @@ import pandas as pd
 import pytest
 from PIL import Image
 
-from dpscale.plots import data, figures
+from dpscale import levels
+from dpscale.plots import data, figures, style
 
 pytestmark = pytest.mark.slow
 
@@ -85,14 +86,16 @@ def test_balanced_accuracy_and_epsilon_audit(demo, summary):
 
 def test_training_curves(demo):
     history = data.history_table(_runs(demo, split="longtail"))
-    assert set(history["epoch"]) == {1, 2}
+    assert set(history["epoch"]) == set(range(1, int(demo.cfg["training"]["epochs"]) + 1))
     fig = figures.training_curves(history)
     titles = [ax.get_title() for ax in fig.axes if ax.get_title()]
-    assert titles[0] == "non-private" and titles[1].startswith("ε=")
-    # Panels name the final epsilon: the last epoch's in history.csv.
-    private = history[history["level"] == "eps8"].sort_values("epoch")
-    for _, eps in private.groupby("backend")["epsilon"]:
-        assert eps.is_monotonic_increasing and titles[1] == f"ε={eps.iloc[-1]:.3g}"
+    private_levels = [lv for lv in levels.ordered(demo.cfg["privacy"]["levels"]) if lv != "none"]
+    assert titles[0] == "non-private" and len(titles) == 1 + len(private_levels)
+    # Panels name the final epsilon (the last epoch's in history.csv), in the level order.
+    for title, level in zip(titles[1:], private_levels, strict=True):
+        private = history[history["level"] == level].sort_values("epoch")
+        for _, eps in private.groupby("backend")["epsilon"]:
+            assert eps.is_monotonic_increasing and title == f"ε={eps.iloc[-1]:.3g}"
     texts = _texts(fig).split("\n")
     assert {"train", "test"} <= set(texts)
     assert any(t.startswith("reference") for t in texts)
@@ -107,7 +110,7 @@ def test_runtime_bars_are_the_summary_numbers(demo, summary):
     assert heights == sorted(round(v, 9) for v in summary["seconds_per_epoch"])
     plt.close(fig)
     ratios = data.step_time_ratios(summary)
-    assert len(ratios) == len(summary) // 2  # one private level per non-private run
+    assert len(ratios) == (summary["level"] != "none").sum()  # one per private run
     fig = figures.step_time_ratio(ratios)
     heights = sorted(
         round(p.get_height(), 9) for ax in fig.axes for p in ax.patches if p.get_height() > 0
@@ -152,7 +155,8 @@ def test_disparate_impact(demo):
     for _, run in per_class.groupby(["backend", "level"]):
         assert list(run["train_count"]) == counts.tolist()
     drop = data.accuracy_drop(per_class)
-    assert len(drop) == len(counts) * len(demo.cfg["backends"])
+    private = [lv for lv in demo.cfg["privacy"]["levels"] if lv != "none"]
+    assert len(drop) == len(counts) * len(demo.cfg["backends"]) * len(private)
     assert drop["drop"].between(-1, 1).all()
     fig = figures.disparate_impact(drop)
     ax = fig.axes[0]
@@ -167,17 +171,17 @@ def test_membership_histograms_and_roc(demo):
     runs = _runs(demo, split="balanced", backend="reference")
     scores = data.membership_scores(runs)
     n_train = demo.cfg["splits"]["train_per_class"] * demo.cfg["splits"]["classes"]
-    assert (scores["member"] == data.MEMBER).sum() == n_train * 2  # two levels
+    assert (scores["member"] == data.MEMBER).sum() == n_train * len(demo.cfg["privacy"]["levels"])
     fig = figures.membership_histograms(scores)
     titles = [ax.get_title() for ax in fig.axes]
-    assert titles[0] == "non-private" and titles[1].startswith("ε=")
+    assert titles[0] == "non-private" and all(t.startswith("ε=") for t in titles[1:])
     assert data.MEMBER in _texts(fig) and data.NON_MEMBER in _texts(fig)
     plt.close(fig)
 
     roc = data.roc_table(_runs(demo, split="balanced"))
     fig = figures.membership_roc(roc)
     titles = [ax.get_title() for ax in fig.axes]
-    assert [t.split(" ")[0] for t in titles] == sorted(demo.cfg["backends"])
+    assert [t.split(" ")[0] for t in titles] == style.backend_order(demo.cfg["backends"])
     legend = _texts(fig)
     for (_backend, _level), rows in roc.groupby(["backend", "level"]):
         assert f"AUC {rows['auc'].iloc[0]:.3f}" in legend

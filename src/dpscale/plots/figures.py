@@ -17,9 +17,10 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 import seaborn as sns  # noqa: E402
-from matplotlib.ticker import MaxNLocator  # noqa: E402
+from matplotlib.ticker import FuncFormatter, MaxNLocator, NullFormatter  # noqa: E402
 
 from dpscale import atomic, levels  # noqa: E402
+from dpscale.plots import style  # noqa: E402
 from dpscale.plots.data import (  # noqa: E402
     MEMBER,
     NON_MEMBER,
@@ -99,7 +100,9 @@ def _level_labels(table: pd.DataFrame) -> tuple[pd.Series, list[str]]:
     )
 
     def label(v, lv):
-        return with_variant("non-private" if lv == "none" else lv, None if v == "None" else v)
+        return with_variant(
+            "non-private" if lv == "none" else lv, None if v in ("None", "nan") else v
+        )
 
     labels = [label(str(v), lv) for v, lv in zip(variant, table["level"], strict=True)]
     return pd.Series(labels, index=table.index), list(dict.fromkeys(label(*p) for p in pairs))
@@ -130,8 +133,8 @@ def accuracy_vs_epsilon(summary: pd.DataFrame, metric: str = "test_accuracy") ->
     _require(summary, ["split", "backend", "level", "epsilon", metric], "summary")
     table = _with_backend_labels(summary)
     splits = sorted(table["split"].unique(), key=lambda s: (s != "balanced", s))
-    backends = sorted(table["backend"].unique())
-    colors = dict(zip(backends, sns.color_palette(n_colors=len(backends)), strict=True))
+    backends = style.backend_order(table["backend"])
+    colors = style.palette(backends)
     fig, axes = plt.subplots(
         1, len(splits), figsize=(4.2 * len(splits), 3.4), sharey=True, squeeze=False
     )
@@ -153,33 +156,52 @@ def accuracy_vs_epsilon(summary: pd.DataFrame, metric: str = "test_accuracy") ->
                 hue="backend",
                 hue_order=backends,
                 palette=colors,
-                style="variant" if by_variant else None,
-                style_order=variants if by_variant else None,
-                markers=markers if by_variant else True,
+                # One marker per backend (its fixed one), or per variant when there are several.
+                style="variant" if by_variant else "backend",
+                style_order=variants if by_variant else backends,
+                markers=markers if by_variant else {b: style.marker(b) for b in backends},
                 dashes=by_variant,
-                marker=None if by_variant else "o",
                 errorbar="sd",
                 ax=ax,
                 legend=False,
             )
             ax.set_xscale("log")
+            # The levels' epsilons as plain numbers, not 2×10⁰ at every minor tick.
+            ax.set_xticks(sorted({float(f"{e:.2g}") for e in private["epsilon"]}))
+            ax.xaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}"))
+            ax.xaxis.set_minor_formatter(NullFormatter())
         nonprivate = table[(table["level"] == "none") & (table["split"] == split)]
         for backend, acc in nonprivate.groupby("backend")[metric].mean().items():
             ax.axhline(acc, color=colors[backend], linestyle="--", linewidth=1)
         ax.set_title(_split_title(split, table))
         ax.set_xlabel("ε (" + accounting_text(table) + ")" if len(private) else "ε")
         ax.set_ylabel(ACCURACY_METRICS[metric])
-    handles = [plt.Line2D([], [], color=colors[b], marker="o", label=b) for b in backends]
+    handles = [
+        plt.Line2D([], [], color=colors[b], marker=style.marker(b), label=b) for b in backends
+    ]
     if by_variant:
         handles += [
-            plt.Line2D([], [], color="grey", marker=markers[v], linestyle="", label=f"variant {v}")
+            plt.Line2D(
+                [],
+                [],
+                color=style.NONPRIVATE,
+                marker=markers[v],
+                linestyle="",
+                label=f"variant {v}",
+            )
             for v in variants
         ]
     if (table["level"] == "none").any():
         handles.append(
-            plt.Line2D([], [], color="grey", linestyle="--", label="non-private (ε = ∞)")
+            plt.Line2D([], [], color=style.NONPRIVATE, linestyle="--", label="non-private (ε = ∞)")
         )
-    fig.legend(handles=handles, loc="center left", bbox_to_anchor=(1.0, 0.5), frameon=False)
+    fig.legend(
+        handles=handles,
+        loc="center left",
+        bbox_to_anchor=(1.0, 0.5),
+        frameon=False,
+        fontsize="small",
+    )
     fig.tight_layout()
     return fig
 
@@ -200,6 +222,8 @@ def training_curves(history: pd.DataFrame) -> plt.Figure:
         x="epoch",
         y="loss",
         hue="backend",
+        hue_order=style.backend_order(curves["backend"]),
+        palette=style.palette(curves["backend"]),
         style="curve",
         style_order=["train", "test"],
         col="privacy",
@@ -240,61 +264,97 @@ def _by_device(table: pd.DataFrame) -> tuple[pd.DataFrame, dict, str]:
 
 def _runtime_titles(grid, title: str, facets: dict) -> None:
     grid.set_titles("{row_name} | {col_name}" if facets else "{col_name}")
-    grid.figure.suptitle(title, y=1.03, fontsize="small")
+    grid.figure.suptitle(title, y=1.0, va="bottom", fontsize="small")
 
 
-def seconds_per_epoch(summary: pd.DataFrame) -> plt.Figure:
-    """Training wall time per epoch (steady state) per backend, bars by privacy level."""
-    _require(summary, ["split", "backend", "level", "seconds_per_epoch"], "summary")
-    table = _with_backend_labels(summary).copy()  # one block: the columns below are added
+def _modes_text(table: pd.DataFrame) -> str:
+    """'modes: reference torch.func, opacus hooks, ...': what the short tick names leave out."""
+    if "mode" not in table:
+        return ""
+    pairs = dict(table[["backend", "mode"]].dropna().drop_duplicates().itertuples(index=False))
+    modes = [
+        f"{b} {pairs[b].removeprefix(b + '-')}"
+        for b in style.backend_order(pairs)
+        if pairs[b] not in ("", b)
+    ]
+    return "\nmodes: " + ", ".join(modes) if modes else ""
+
+
+def _level_bars(table: pd.DataFrame, y: str, ylabel: str) -> sns.FacetGrid:
+    """Bars per backend (fixed order, short names), one colour per privacy level."""
+    modes = _modes_text(table)
+    table = _with_backend_labels(table).copy()  # one block: the columns below are added
     # A level, not a realised epsilon: splits differ in epsilon for one target.
     table["privacy"], order = _level_labels(table)
+    colors = style.level_colors(zip(table["level"], table["privacy"], strict=True))
+    ticks = style.axis_labels(table["backend"])
+    backends = [ticks[b] for b in style.backend_order(table["backend"])]
+    table["backend"] = table["backend"].map(ticks)
     table, facets, title = _by_device(table)
     grid = sns.catplot(
         data=table,
         x="backend",
-        y="seconds_per_epoch",
+        y=y,
+        order=backends,
         hue="privacy",
         hue_order=order,
+        palette=colors,
         col="split",
         **facets,
         kind="bar",
         errorbar="sd",
         height=3.0,
-        aspect=1.2,
+        aspect=1.3,
     )
-    _runtime_titles(grid, title, facets)
-    grid.set_axis_labels("backend", "seconds per epoch")
-    grid.legend.set_title("privacy level")
+    _runtime_titles(grid, title + modes, facets)
+    grid.set_axis_labels("", ylabel)
+    # Right of the panels, never over the last one's bars.
+    sns.move_legend(grid, "center left", bbox_to_anchor=(1.0, 0.5), title="privacy level")
+    return grid
+
+
+def _label_bars(ax, fmt: str) -> None:
+    """Each bar's value: inside a tall bar (clear of the error bar at its top), in black or
+    white as the bar's colour needs; above a short one. Upright when several levels share a
+    backend's slot (their bars are narrow then)."""
+    top = ax.get_ylim()[1]
+    rotation = 90 if len(ax.containers) > 1 else 0
+    for container in ax.containers:
+        values = [bar.get_height() for bar in container]
+        tall = [v >= 0.3 * top for v in values]
+        face = container.patches[0].get_facecolor() if container.patches else (0, 0, 0, 1)
+        ink = "black" if np.dot(face[:3], [0.299, 0.587, 0.114]) > 0.55 else "white"
+        for inside, kind, color in ((True, "center", ink), (False, "edge", "black")):
+            labels = [
+                fmt.format(v) if t == inside else "" for v, t in zip(values, tall, strict=True)
+            ]
+            ax.bar_label(
+                container,
+                labels=labels,
+                label_type=kind,
+                padding=0 if inside else 2,
+                color=color,
+                fontsize="xx-small",
+                rotation=rotation,
+            )
+
+
+def seconds_per_epoch(summary: pd.DataFrame) -> plt.Figure:
+    """Training wall time per epoch (steady state) per backend, bars by privacy level."""
+    _require(summary, ["split", "backend", "level", "seconds_per_epoch"], "summary")
+    grid = _level_bars(summary, "seconds_per_epoch", "seconds per epoch")
+    style.unclutter(grid.figure)
     return grid.figure
 
 
 def step_time_ratio(ratios: pd.DataFrame) -> plt.Figure:
     """Steady DP step time / non-private step time per backend (1 = DP is free)."""
     _require(ratios, ["split", "backend", "level", "ratio"], "step-time ratios")
-    table = _with_backend_labels(ratios)
-    table["level"], order = _level_labels(table)
-    table, facets, title = _by_device(table)
-    grid = sns.catplot(
-        data=table,
-        x="backend",
-        y="ratio",
-        hue="level",
-        hue_order=order,
-        col="split",
-        **facets,
-        kind="bar",
-        errorbar="sd",
-        height=3.0,
-        aspect=1.2,
-    )
+    grid = _level_bars(ratios, "ratio", "DP / non-private step time")
     for ax in grid.axes.flat:
         ax.axhline(1.0, color="black", linewidth=0.8)
-        for container in ax.containers:
-            ax.bar_label(container, fmt="%.2f×", fontsize="x-small")
-    _runtime_titles(grid, title, facets)
-    grid.set_axis_labels("backend", "DP / non-private step time")
-    grid.legend.set_title("privacy level")
+        _label_bars(ax, "{:.2f}×")
+    style.unclutter(grid.figure)
     return grid.figure
 
 
@@ -308,6 +368,8 @@ def disparate_impact(drop: pd.DataFrame) -> plt.Figure:
         x="train_count",
         y="drop_pp",
         hue="backend",
+        hue_order=style.backend_order(table["backend"]),
+        palette=style.palette(table["backend"]),
         style="privacy",
         style_order=_privacy_order(table),
         s=40,
@@ -318,19 +380,12 @@ def disparate_impact(drop: pd.DataFrame) -> plt.Figure:
     counts = table["train_count"].astype(float)
     if counts.nunique() > 1:
         ax.set_xscale("log")
-        palette = dict(
-            zip(
-                sorted(table["backend"].unique()),
-                sns.color_palette(n_colors=table["backend"].nunique()),
-                strict=True,
-            )
-        )
         for (backend, _), rows in table.groupby(["backend", "privacy"]):
             x = np.log(rows["train_count"].astype(float))
             if x.nunique() > 1:
                 slope, icpt = np.polyfit(x, rows["drop_pp"], 1)
                 xs = np.linspace(x.min(), x.max(), 20)
-                ax.plot(np.exp(xs), slope * xs + icpt, color=palette[backend], linewidth=1)
+                ax.plot(np.exp(xs), slope * xs + icpt, color=style.color(backend), linewidth=1)
     ax.axhline(0.0, color="black", linewidth=0.8)
     ax.set_xlabel("training examples of the class")
     ax.set_ylabel("test recall drop, non-private − DP (pp)")
@@ -348,6 +403,7 @@ def membership_histograms(scores: pd.DataFrame) -> plt.Figure:
         x="loss",
         hue="member",
         hue_order=[MEMBER, NON_MEMBER],
+        palette={MEMBER: "black", NON_MEMBER: "#9a9a9a"},  # neutral: no backend's colour
         col="privacy",
         col_order=_privacy_order(scores),
         col_wrap=_wrap(scores),
@@ -378,26 +434,33 @@ def membership_roc(roc: pd.DataFrame) -> plt.Figure:
             table["privacy"], table["seed"], table["auc"], table["tpr_at_fpr"], strict=True
         )
     ]
-    backends = sorted(table["backend"].unique())
+    backends = style.backend_order(table["backend"])
     fig, axes = plt.subplots(
         1, len(backends), figsize=(3.8 * len(backends), 3.8), squeeze=False, sharey=True
     )
     order = _privacy_order(table)
+    shades = style.level_colors(zip(table["level"], table["privacy"], strict=True))
     for ax, backend in zip(axes[0], backends, strict=True):
         rows = table[table["backend"] == backend].copy()
         rows["rank"] = rows["privacy"].map(order.index)
         rows = rows.sort_values(["rank", "seed", "fpr", "tpr"], kind="stable")
-        for curve, points in rows.groupby("curve", sort=False):
-            ax.plot(points["fpr"], points["tpr"], drawstyle="steps-post", label=curve)
+        for (curve, privacy), points in rows.groupby(["curve", "privacy"], sort=False):
+            ax.plot(
+                points["fpr"],
+                points["tpr"],
+                drawstyle="steps-post",
+                color=shades[privacy],
+                label=curve,
+            )
         ax.plot([0, 1], [0, 1], color="grey", linestyle=":", linewidth=0.8)
         ax.set_xlim(0, 1)
         ax.set_ylim(0, 1)
         ax.set_aspect("equal")
-        ax.set_title(backend)
+        ax.set_title(backend, color=style.color(backend))
         ax.set_xlabel("false-positive rate (holdout flagged as member)")
         ax.legend(loc="lower right", fontsize="x-small")
     axes[0][0].set_ylabel("true-positive rate (train flagged as member)")
-    fig.suptitle(accounting_text(table), fontsize="small")
+    fig.suptitle(accounting_text(table), fontsize="small", y=1.0, va="bottom")
     fig.tight_layout()
     return fig
 
@@ -410,8 +473,8 @@ def epsilon_audit(summary: pd.DataFrame) -> plt.Figure:
     """
     _require(summary, ["backend", "level", "epsilon", "membership_eps_lower_bound"], "summary")
     table = _with_backend_labels(summary)
-    backends = sorted(table["backend"].unique())
-    colors = dict(zip(backends, sns.color_palette(n_colors=len(backends)), strict=True))
+    backends = style.backend_order(table["backend"])
+    colors = style.palette(backends)
     private = table[table["level"] != "none"].dropna(subset=["epsilon"])
     fig, ax = plt.subplots(figsize=(5.0, 3.8))
     sns.scatterplot(
