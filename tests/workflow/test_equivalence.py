@@ -35,10 +35,10 @@ def test_every_backend_took_the_experiments_first_steps(demo, result):
     assert result["clip_norm"] == cfg["training"]["clip_norm"]
     assert result["momentum"] == cfg["training"]["momentum"]
     rows = {r["backend"]: r for r in result["backends"]}
-    assert all(rows["reference"][f"max_rel_{m}"] == 0.0 for m in equivalence.MEASURES)
+    assert all(rows["reference"][equivalence.column(m)] == 0.0 for m in equivalence.MEASURES)
     for r in rows.values():
-        assert all(np.isfinite(r[f"max_rel_{m}"]) for m in equivalence.MEASURES), r
-        within = all(r[f"max_rel_{m}"] <= t for m, t in result["tolerances"].items())
+        assert all(np.isfinite(r[equivalence.column(m)]) for m in equivalence.MEASURES), r
+        within = all(r[equivalence.column(m)] <= t for m, t in result["tolerances"].items())
         assert r["equivalent"] == within, r
     assert result["equivalent"] == all(r["equivalent"] for r in rows.values())
     # Noise-free weights of the private data are deleted once compared.
@@ -57,19 +57,13 @@ def test_report_first_page_states_the_verdict(demo, result):
     assert "derive from" in html and "secure_randomness" in html  # the randomness paragraph
 
 
-def real_output(demo, result, weights_run: str, perturb: float = 0.0) -> dict[str, np.ndarray]:
-    """A run output built from a real run of the demo (its weights, their change from the
-    canonical init and its test logits), optionally with one weight entry moved by `perturb`
-    times the largest weight."""
+def real_output(demo, result, weights_run: str, scale_update: float = 1.0) -> dict[str, np.ndarray]:
+    """A run output built from a real run of the demo (its weights, a change of them and its test
+    logits), optionally with the change scaled by `scale_update` (as a wrong divisor would)."""
     run = demo.results / weights_run
     with np.load(run / "weights.npz") as w, np.load(run / "predictions.npz") as p:
         weights = {k: w[k].astype(np.float32) for k in w.files}
         logits = p["test_logits"][:96].astype(np.float32)
-    if perturb:
-        name = max(weights, key=lambda k: weights[k].size)
-        scale = max(float(np.abs(v).max()) for v in weights.values())
-        weights[name] = weights[name].copy()
-        weights[name].flat[0] += perturb * scale
     meta = {
         "mode": "demo",
         "device": "cpu",
@@ -81,8 +75,9 @@ def real_output(demo, result, weights_run: str, perturb: float = 0.0) -> dict[st
         "seconds": 0.0,
     }
     out = {"logits": logits, "meta": np.array(json.dumps(meta))}
-    out.update({f"w/{k}": v for k, v in weights.items()})
-    out.update({f"u/{k}": v - v.mean() for k, v in weights.items()})  # any real-valued change
+    change = {k: (v - v.mean()) * np.float32(scale_update) for k, v in weights.items()}
+    out.update({f"w/{k}": v + change[k] - (v - v.mean()) for k, v in weights.items()})
+    out.update({f"u/{k}": u for k, u in change.items()})  # any real-valued change
     return out
 
 
@@ -91,13 +86,14 @@ def test_a_perturbed_backend_is_flagged_with_its_numbers(demo, result):
     outputs = {
         "reference": real_output(demo, result, run),
         "same": real_output(demo, result, run),
-        "off": real_output(demo, result, run, perturb=10 * equivalence.TOLERANCES["weights"]),
+        "off": real_output(demo, result, run, scale_update=1.3),  # B/1.3: a wrong divisor
     }
     got = equivalence.compare(outputs, "reference")
     rows = {r["backend"]: r for r in got["backends"]}
     assert rows["same"]["equivalent"] and rows["same"]["max_rel_weights"] == 0.0
     assert not rows["off"]["equivalent"] and not got["equivalent"]
-    assert rows["off"]["max_rel_weights"] == pytest.approx(10 * equivalence.TOLERANCES["weights"])
+    assert rows["off"]["update_l2"] == pytest.approx(0.3, rel=1e-5)
+    assert rows["off"]["max_rel_weights"] > 0
     assert "**NOT equivalent**: off" in equivalence.page(got)
     assert "off,demo,cpu" in equivalence.table(got)
     # Different plans are not compared at all.
