@@ -96,7 +96,8 @@ def test_one_row_per_run_with_required_and_config_columns(tmp_path, runs, config
     for column in ("privacy_delta", "privacy_accountant", "dataset_name", "splits_seed"):
         assert column in header
     row = rows[0]
-    assert row["model_width"] == "16" and row["training_batch_size"] == "64"
+    assert row["model_width"] == str(config["model"]["width"])
+    assert row["training_batch_size"] == str(config["training"]["batch_size"])
     assert row["training_schedule"] == "cosine"  # a schema default, filled by validation
     assert json.loads(row["privacy_levels"]) == config["privacy"]["levels"]
     assert row["experiment"] == "demo"
@@ -162,7 +163,8 @@ def test_nested_values_are_flattened_and_config_name_clashes_are_prefixed(tmp_pa
     (row,) = _read(out)
     assert row["timing_compile_s"] == "2.0"
     assert json.loads(row["epochs_list"]) == [1, 2]
-    assert row["model_width"] == "99" and row["config_model_width"] == "16"
+    assert row["model_width"] == "99"
+    assert row["config_model_width"] == str(config["model"]["width"])
 
 
 def test_flatten():
