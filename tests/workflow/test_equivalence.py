@@ -7,9 +7,12 @@ import json
 
 import numpy as np
 import pytest
+import yaml
 
 from dpscale import equivalence
 from dpscale.runner import plan
+from tests import jobs
+from tests.conftest import PROJECT, snakemake_cmd
 
 pytestmark = pytest.mark.slow
 
@@ -102,3 +105,40 @@ def test_a_perturbed_backend_is_flagged_with_its_numbers(demo, result):
     other["meta"] = np.array(json.dumps({**meta, "batch_sizes": [1, 2, 3]}))
     with pytest.raises(ValueError, match="expected one plan"):
         equivalence.compare({"reference": outputs["reference"], "x": other}, "reference")
+
+
+def multi_device_job() -> jobs.Job:
+    """The reference backend's equivalence steps of the default with training.devices 2."""
+
+    def run():
+        workdir = jobs.workdir("equivalence-devices")
+        cfg = yaml.safe_load((PROJECT / "config/config.yaml").read_text())
+        cfg["training"]["devices"] = 2
+        cfg["backends"] = ["reference", "jax"]
+        (workdir / "devices.yaml").write_text(yaml.safe_dump(cfg))
+        target = f"results/{cfg['experiment']}/equivalence/reference.npz"
+        cmd = snakemake_cmd(
+            workdir, "--cores", "1", "--configfile", str(workdir / "devices.yaml"), "--notemp"
+        )
+        jobs.check_run([*cmd, target], threads=1, timeout=600)
+        return equivalence.read_output(workdir / target)
+
+    return jobs.Job("equivalence devices 2", run, cores=1)
+
+
+@jobs.source
+def _equivalence_jobs(item):
+    if (
+        item.module.__name__ == __name__
+        and item.originalname == "test_equivalence_steps_run_on_one_device"
+    ):
+        yield multi_device_job()
+
+
+def test_equivalence_steps_run_on_one_device():
+    # The check is of each framework's step (several devices' sameness with one is
+    # tests/conformance/test_devices.py's); given devices 2 it once waited for ranks nobody starts.
+    out = jobs.result(multi_device_job())
+    meta = json.loads(str(out["meta"]))
+    assert meta["backend"] == "reference" and meta["steps"] == equivalence.STEPS
+    assert any(k.startswith("w/") for k in out)

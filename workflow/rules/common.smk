@@ -266,7 +266,13 @@ def equivalence_args(wildcards, input, output, resources):
         split=input.split,
         privacy=input.privacy,
         model=variant["model"],
-        training=dp_config.run_training(variant["training"], resources.get("gpu", 0)),
+        # One device (equivalence_gpus): the check is of each framework's step; several devices'
+        # sameness with one is tests/conformance/test_devices.py's (a torch backend given
+        # devices > 1 here would wait for ranks no launcher starts).
+        training={
+            **dp_config.run_training(variant["training"], resources.get("gpu", 0)),
+            "devices": 1,
+        },
         options=config["backend_options"].get(wildcards.backend, {}),
         seed=SEEDS[0],
         out=output[0],
