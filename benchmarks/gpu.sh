@@ -39,9 +39,11 @@ nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader ||
 "$py" -c "import jax; print('jax', jax.__version__, jax.devices())" || true
 pythons=()
 for b in reference opacus jax tfprivacy objax; do pythons+=(--python "$b=$py"); done
-# jax's default conv on a GPU is XLA's; tfprivacy and objax: one row each to say "not measured".
-modes='{"opacus": [{"grad_sample_mode": "hooks"}, {"grad_sample_mode": "ghost"}],
-  "jax": [{}], "tfprivacy": [{}], "objax": [{}]}'
+# reference and jax: Book-Keeping (their default) and vmap (before); jax's conv on a GPU is
+# XLA's; tfprivacy and objax: one row each to say "not measured".
+modes='{"reference": [{}, {"mode": "vmap"}],
+  "opacus": [{"grad_sample_mode": "hooks"}, {"grad_sample_mode": "ghost"}],
+  "jax": [{}, {"mode": "vmap"}], "tfprivacy": [{}], "objax": [{}]}'
 "$py" benchmarks/steps.py "${pythons[@]}" --backends reference,opacus,jax,tfprivacy,objax \
   --width 64 --image-size 64 --batch-size 256 1024 --physical 256 \
   --steps 6 --warmup 2 --poisson-steps 4 --n-train 50000 --threads 16 --reps 1 --timeout 200 \

@@ -65,8 +65,9 @@ QUICK = ("--threads", "1", "--reps", "2", "--steps", "6", "--poisson-steps", "0"
 
 # The DP modes each backend offers, as adapter options (see each adapter's module docstring).
 MODES: dict[str, list[dict]] = {
-    # mode bk: Book-Keeping (ghost norms / per-example gradients per layer, one backward pass).
-    "reference": [{}, {"mode": "bk"}],
+    # reference and jax default to mode bk: Book-Keeping (ghost norms / per-example gradients
+    # per layer, one backward pass); mode vmap (per-example gradients) is their before.
+    "reference": [{}, {"mode": "vmap"}],
     # fast_samplers=false: stock Opacus beside dpscale's samplers (_opacus_fast), same run.
     "opacus": [{"grad_sample_mode": m} for m in ("hooks", "functorch", "ghost")]
     + [{"grad_sample_mode": "hooks", "fast_samplers": False}],
@@ -75,7 +76,7 @@ MODES: dict[str, list[dict]] = {
     # conv: XLA's convolution vs conv_patches in the DP step (jax: patches by default on CPU;
     # objax: XLA's by default, as patches did not pay under its jax 0.5.3).
     "objax": [{}, {"use_norm_accumulation": True}, {"conv": "auto"}],
-    "jax": [{}, {"conv": "xla"}, {"mode": "bk"}],
+    "jax": [{}, {"mode": "vmap"}, {"mode": "vmap", "conv": "xla"}],
     "jaxprivacy": [{}],
 }
 

@@ -17,11 +17,11 @@ from matplotlib.colors import to_hex, to_rgb
 from dpscale.plots import data, figures, style
 
 MODES = {
-    "reference": "reference-torch.func",
+    "reference": "reference-bk",
     "opacus": "opacus-hooks",
     "tfprivacy": "fast-clipping-ghost-xla",
     "objax": "objax-pgv",
-    "jax": "jax-vmap",
+    "jax": "jax-bk",
     "jaxprivacy": "jaxprivacy-vmap",
 }
 

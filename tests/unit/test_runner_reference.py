@@ -1,4 +1,4 @@
-"""The runner end to end, in the reference backend's venv (torch.func), on tiny arrays.
+"""The runner end to end, in the reference backend's venv (its default mode, bk), on tiny arrays.
 
 Width 4, 8 px, 64 training examples: each run takes seconds. The venv comes from
 `python -m dpscale.envs reference` (`make envs`).
@@ -88,7 +88,7 @@ def test_private_run_writes_the_contract_outputs(tmp_path, private_inputs):
 
     m, history = load(out)
     spec = ResNetSpec(num_classes=4, image_size=8, **MODEL)
-    assert m["backend"] == "reference" and m["mode"] == "reference-torch.func"
+    assert m["backend"] == "reference" and m["mode"] == "reference-bk"
     assert m["split"] == "tiny" and m["level"] == "sigma1" and m["seed"] == 0
     assert m["private"] is True and m["noise_multiplier"] == 1.0 and m["sample_rate"] == 0.25
     assert m["steps"] == m["steps_trained"] == 8 and m["epochs_trained"] == 2

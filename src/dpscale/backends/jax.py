@@ -1,4 +1,4 @@
-"""Modern JAX backend: pure jax model, vmap(grad) per-example gradients, optax SGD momentum.
+"""Modern JAX backend: pure jax model, Book-Keeping or vmap(grad) DP steps, optax SGD momentum.
 
 The path for JAX releases that no longer run Objax (workflow/envs/jax.txt: current jax + optax).
 This module is dpscale.backends.jax; `import jax` below is the real package (absolute imports).
@@ -6,10 +6,13 @@ This module is dpscale.backends.jax; `import jax` below is the real package (abs
 - The model is dpscale.models.resnet written as pure functions over a dict of canonical names ->
   arrays in the canonical (PyTorch) layouts: convs take OIHW kernels through
   lax.conv_general_dilated's dimension numbers, so weights cross the contract unconverted.
-- DP step (base.py): per-example gradients by vmap(grad) over a fixed-size padded chunk, each
-  scaled by min(1, C / (||g_i|| + 1e-6)) (the reference's factor) times the row's mask, summed;
-  chunk sums accumulate over the logical batch; one Gaussian draw N(0, (sigma*C)^2) per
-  parameter per logical step from this adapter's key; divided by the expected batch size B.
+- DP step (base.py), option `mode`: "bk" (default; label `jax-bk`): Book-Keeping
+  (_bookkeeping_jax: per-example norms from each layer's inputs and output gradients, the
+  clipped sum from the same, one backward pass); "vmap": per-example gradients by vmap(grad)
+  over a fixed-size padded chunk. Either way each example is scaled by min(1, C / (||g_i|| +
+  1e-6)) (the reference's factor) times the row's mask, and summed; chunk sums accumulate
+  over the logical batch; one Gaussian draw N(0, (sigma*C)^2) per parameter per logical step
+  from this adapter's key; divided by the expected batch size B.
 - optax.inject_hyperparams(optax.sgd)(momentum=mu): optax's trace is t = mu*t + g and the update
   -lr*t, PyTorch's convention; the runner's lr enters as a hyperparameter, not a recompile.
 - Each step function is jitted once per physical shape (clip norm, sigma, B, lr are traced).
@@ -24,8 +27,9 @@ Options: `eval_batch_size` (prediction chunk, default 128), `compilation_cache` 
 persistent cache in the venv; false; or a folder), `conv`: "patches" computes convolutions as
 shifted slices x kernel, whose per-example gradients vmap into batched matmuls instead of XLA
 CPU's slow batch-grouped convolutions; "xla" uses XLA's convolution; "auto" (default): patches
-in the DP step on CPU, XLA's everywhere else (non-private steps, prediction, GPUs). Mode label
-`jax-vmap`, or `jax-vmap-xlaconv` when the DP step uses XLA's convolution.
+in the DP step of mode vmap on CPU, XLA's everywhere else (non-private steps, prediction, mode
+bk, GPUs). Mode vmap's label is `jax-vmap`, or `jax-vmap-xlaconv` when its DP step uses XLA's
+convolution.
 """
 
 from __future__ import annotations
@@ -209,7 +213,9 @@ def _update(tx, noise, params, opt_state, gsum, key, std, divisor, lr, momentum)
 
 
 class Adapter(jc.JaxDevice, BaseAdapter):
-    mode = "jax-vmap"
+    mode = "jax-bk"
+    #: Book-Keeping unless options say mode vmap (a subclass with a DP step of its own: vmap)
+    default_mode = "bk"
     multi_device = True
     #: the DP machinery, jitted pure functions: (params, x, y, mask, clip_norm, spec, impl) ->
     #: (clipped sum, loss sum), and (gsum, key, std) -> (gsum + noise, next key)
@@ -219,7 +225,7 @@ class Adapter(jc.JaxDevice, BaseAdapter):
         "eval_batch_size": "rows per prediction call",
         "compilation_cache": "XLA's persistent cache: true, false or a folder",
         "conv": "auto, xla or patches",
-        "mode": "vmap (per-example gradients) or bk (Book-Keeping, one backward pass)",
+        "mode": "bk (Book-Keeping, one backward pass; default) or vmap (per-example gradients)",
     }
 
     def _build(self) -> None:
@@ -237,9 +243,10 @@ class Adapter(jc.JaxDevice, BaseAdapter):
         option = self.options.get("conv", "auto")
         self._conv_dp, self._conv = jc.conv_impls(option, jax.default_backend(), "jax")
         self.mode = "jax-vmap" if self._conv_dp == "patches" else "jax-vmap-xlaconv"
-        if self.options.get("mode", "vmap") not in ("vmap", "bk"):
-            raise ValueError(f"jax option mode={self.options['mode']!r}; expected vmap or bk")
-        if self.options.get("mode") == "bk":  # no vmap: the forward's own convolution serves
+        option = self.options.get("mode", self.default_mode)
+        if option not in ("bk", "vmap"):
+            raise ValueError(f"jax option mode={option!r}; expected bk or vmap")
+        if option == "bk":  # no vmap: the forward's own convolution serves
             from dpscale.backends import _bookkeeping_jax
 
             self.dp_chunk = _bookkeeping_jax.dp_chunk

@@ -56,6 +56,7 @@ class Adapter(jax_backend.Adapter):
     dp_chunk = staticmethod(dp_chunk)
     add_noise = staticmethod(privatize)
     # Its DP step is jax_privacy's clipped_grad: the jax backend's `mode` does not apply.
+    default_mode = "vmap"
     OPTIONS = {k: v for k, v in jax_backend.Adapter.OPTIONS.items() if k != "mode"}
 
     def _build(self) -> None:

@@ -1,6 +1,7 @@
-"""The oracle: DP-SGD written from scratch with torch.func, nothing hidden.
+"""DP-SGD written from scratch in torch: the oracle (mode vmap) and Book-Keeping (mode bk).
 
-Per logical step (base.py): per-example gradients with vmap(grad) over functional_call, each
+Mode vmap, the oracle the conformance suite compares every backend with, nothing hidden. Per
+logical step (base.py): per-example gradients with vmap(grad) over functional_call, each
 clipped to C (factor min(1, C / (||g_i|| + 1e-6)), the 1e-6 guarding against 0/0 as Opacus
 does), summed over the real rows of every chunk, plus one Gaussian draw N(0, sigma^2 C^2) per
 parameter, divided by the expected batch size B. Non-private: mean gradient over real rows.
@@ -8,9 +9,10 @@ Then SGD with heavy-ball momentum, v = mu*v + g, w = w - lr*v.
 
 Options: `vmap_chunk` (max examples per vmap call, or per book-keeping pass; bounds the memory
 of per-example gradients, which is examples x parameters floats; default: whole chunk); `mode`:
-"vmap" (default, the above; mode label reference-torch.func) or "bk" (Book-Keeping: norms and
-the clipped sum from one backward pass, _bookkeeping_torch; label reference-bk), the same
-clipping factor either way. The device comes from training.device (base.Runtime).
+"bk" (default: Book-Keeping, norms and the clipped sum from one backward pass,
+_bookkeeping_torch; label reference-bk; the same numbers at ~half the vmap step's time on CPU,
+docs/benchmarks.md) or "vmap" (the above; label reference-torch.func), the same clipping factor
+either way. The device comes from training.device (base.Runtime).
 """
 
 from __future__ import annotations
@@ -28,6 +30,7 @@ from dpscale.models.resnet import init_weights
 
 CLIP_EPS = 1e-6
 MODES = {"vmap": "reference-torch.func", "bk": "reference-bk"}
+DEFAULT_MODE = "bk"
 
 
 def clip_factors(norms: torch.Tensor, clip_norm: float) -> torch.Tensor:
@@ -42,10 +45,10 @@ def per_example_norms(grads: dict[str, torch.Tensor]) -> torch.Tensor:
 
 
 class Adapter(tr.TorchModel, BaseAdapter):
-    mode = "reference-torch.func"
+    mode = MODES[DEFAULT_MODE]
     OPTIONS = {
         "vmap_chunk": "max examples per vmap call (bounds per-example gradient memory)",
-        "mode": "vmap (per-example gradients) or bk (Book-Keeping, one backward pass)",
+        "mode": "bk (Book-Keeping, one backward pass; default) or vmap (per-example gradients)",
     }
 
     def _build(self) -> None:
@@ -55,7 +58,7 @@ class Adapter(tr.TorchModel, BaseAdapter):
         self._vmap_chunk = self.options.get("vmap_chunk")
         if self._vmap_chunk is not None and int(self._vmap_chunk) < 1:
             raise ValueError(f"reference option vmap_chunk={self._vmap_chunk}; expected >= 1")
-        option = self.options.get("mode", "vmap")
+        option = self.options.get("mode", DEFAULT_MODE)
         if option not in MODES:
             raise ValueError(
                 f"reference option mode={option!r}; expected one of {', '.join(MODES)}"
