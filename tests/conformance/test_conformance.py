@@ -91,7 +91,10 @@ VARIANTS_OF = {
         )
         for m in ("hooks", "functorch", "ghost")
         for fast in (True, False)
-    ],
+    ]
+    # Book-Keeping through Opacus' fast-gradient-clipping hooks (_opacus_bk): no per-sample
+    # sampler of Opacus', so no stock variant; both stems, as reference-bk and jax-bk.
+    + [({"grad_sample_mode": "bk"}, "opacus-bk", BOTH)],
     "reference": [({}, "reference-torch.func", BOTH), ({"mode": "bk"}, "reference-bk", BOTH)],
 }
 BACKENDS = [

@@ -31,13 +31,13 @@ from opacus.optimizers import DPOptimizer, DPOptimizerFastGradientClipping
 from opacus.utils.fast_gradient_clipping_utils import DPLossFastGradientClipping
 from torch import nn
 
-from dpscale.backends import _opacus_fast
+from dpscale.backends import _opacus_bk, _opacus_fast
 from dpscale.backends import _torch_resnet as tr
 from dpscale.backends.base import Adapter as BaseAdapter
 from dpscale.backends.base import Batch, StepConfig
 from dpscale.models.resnet import init_weights
 
-MODES = ("hooks", "functorch", "ghost")
+MODES = ("hooks", "functorch", "ghost", "bk")
 
 # Noise only, no behaviour change: the pseudo-RNG is what seeded, reproducible runs need, and
 # the first conv's input never requires grad, which Opacus' full backward hooks report.
@@ -47,7 +47,7 @@ warnings.filterwarnings("ignore", message=r"Full backward hook is firing when gr
 
 class Adapter(tr.TorchModel, BaseAdapter):
     OPTIONS = {
-        "grad_sample_mode": "hooks, functorch or ghost",
+        "grad_sample_mode": "hooks, functorch, ghost or bk",
         "fast_samplers": "dpscale's faster Conv2d sampler and storage (same numbers)",
     }
 
@@ -62,6 +62,11 @@ class Adapter(tr.TorchModel, BaseAdapter):
         fast = self.options.get("fast_samplers", True)
         if not isinstance(fast, bool):
             raise ValueError(f"opacus option fast_samplers={fast!r}; expected true or false")
+        if self.grad_sample_mode == "bk" and not fast:
+            raise ValueError(
+                "opacus option fast_samplers=false with grad_sample_mode=bk; expected it unset "
+                "or true: mode bk runs none of Opacus' per-sample samplers"
+            )
         _opacus_fast.install(fast)
         self.mode = f"opacus-{self.grad_sample_mode}" + ("" if fast else "-stock")
         tr.set_threads(threads)
@@ -76,13 +81,16 @@ class Adapter(tr.TorchModel, BaseAdapter):
 
     # -- Opacus machinery -------------------------------------------------------------------
     @property
-    def _ghost(self) -> bool:
-        return self.grad_sample_mode == "ghost"
+    def _fgc(self) -> bool:
+        """Opacus' fast-gradient-clipping module and optimizer: p.grad is the clipped sum."""
+        return self.grad_sample_mode in ("ghost", "bk")
 
     def _grad_sample_module(self, clip_norm: float):
         """One wrapper for the adapter's life: wrapping twice would hook every layer twice."""
         if self._gsm is None:
-            if self._ghost:
+            if self.grad_sample_mode == "bk":
+                self._gsm = _opacus_bk.BookKeepingModule(self.model, max_grad_norm=clip_norm)
+            elif self.grad_sample_mode == "ghost":
                 self._gsm = GradSampleModuleFastGradientClipping(
                     self.model, batch_first=True, loss_reduction="mean", max_grad_norm=clip_norm
                 )
@@ -93,14 +101,14 @@ class Adapter(tr.TorchModel, BaseAdapter):
                     loss_reduction="mean",
                     force_functorch=self.grad_sample_mode == "functorch",
                 )
-        if self._ghost:
-            # Ghost clipping computes the clip coefficients inside the module.
+        if self._fgc:
+            # Ghost clipping and Book-Keeping compute the clip coefficients inside the module.
             self._gsm.max_grad_norm = clip_norm
         self._gsm.enable_hooks()
         return self._gsm
 
     def _dp_optimizer(self, sgd, sigma: float, clip_norm: float, batch_size: float):
-        cls = DPOptimizerFastGradientClipping if self._ghost else DPOptimizer
+        cls = DPOptimizerFastGradientClipping if self._fgc else DPOptimizer
         return cls(
             sgd,
             noise_multiplier=sigma,
@@ -117,8 +125,10 @@ class Adapter(tr.TorchModel, BaseAdapter):
 
     def _dp_backward(self, gsm, opt, x: torch.Tensor, y: torch.Tensor) -> float:
         """Forward/backward of one chunk's real rows; returns its loss sum."""
+        if self.grad_sample_mode == "bk":
+            return gsm.clipped_backward(x, y)  # one backward; p.grad is the clipped sum
         logits = gsm(x)
-        if self._ghost:
+        if self._fgc:
             criterion = DPLossFastGradientClipping(
                 gsm, opt, nn.CrossEntropyLoss(reduction="mean"), loss_reduction="mean"
             )
@@ -132,7 +142,7 @@ class Adapter(tr.TorchModel, BaseAdapter):
     def _no_rows(self) -> None:
         """What a chunk of zero rows leaves behind, so an optimizer step adds nothing of it."""
         for p in self.trainable().values():
-            if self._ghost:
+            if self._fgc:
                 p.grad = torch.zeros_like(p)
             else:
                 p.grad_sample = torch.zeros((0, *p.shape), device=p.device, dtype=p.dtype)
@@ -216,7 +226,7 @@ class Adapter(tr.TorchModel, BaseAdapter):
             for n, p in self.trainable().items()
         }
         opt.zero_grad(set_to_none=True)
-        if self._ghost and self._step is not None and self._step.private:
+        if self._fgc and self._step is not None and self._step.private:
             gsm.max_grad_norm = self._step.clip_norm
         return out
 
