@@ -40,7 +40,8 @@ nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader ||
 pythons=()
 for b in reference opacus jax tfprivacy objax; do pythons+=(--python "$b=$py"); done
 # jax's default conv on a GPU is XLA's; tfprivacy and objax: one row each to say "not measured".
-modes='{"opacus": [{"grad_sample_mode": "hooks"}, {"grad_sample_mode": "ghost"}],
+modes='{"opacus": [{"grad_sample_mode": "hooks"}, {"grad_sample_mode": "ghost"},
+  {"grad_sample_mode": "bk"}],
   "jax": [{}], "tfprivacy": [{}], "objax": [{}]}'
 "$py" benchmarks/steps.py "${pythons[@]}" --backends reference,opacus,jax,tfprivacy,objax \
   --width 64 --image-size 64 --batch-size 256 1024 --physical 256 \

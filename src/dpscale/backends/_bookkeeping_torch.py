@@ -2,7 +2,8 @@
 
 Bu et al. 2022, "Differentially private optimization on large model at small cost" (fastDP's
 BK with mixed ghost clipping); the ghost norm is Li et al. 2021's. Part of the reference
-backend (option mode: bk); plain torch, no other framework.
+backend (option mode: bk) and, as norm samplers in Opacus' hooks, of the opacus backend's
+grad_sample_mode bk (_opacus_bk); plain torch, no other framework.
 
 One forward records each parameterized layer's input a; one backward, `autograd.grad` of the
 summed loss w.r.t. those layers' outputs only, gives every example's output gradient g (no

@@ -8,12 +8,16 @@ batch of several chunks is one optimizer step: every chunk but the last is a ski
 noise is drawn once. Padding rows are sliced away (PyTorch is eager); a logical batch with no
 real rows still takes the noise-only step, via the empty-batch path of Opacus' clipping.
 
-Options: `grad_sample_mode` "hooks" (default), "functorch" or "ghost" (fast gradient clipping:
+Options: `grad_sample_mode` "hooks" (default), "functorch", "ghost" (fast gradient clipping:
 per-sample norms, then a second backward of the coefficient-weighted loss; Opacus 1.6 has ghost
 norm samplers only for Linear and Embedding, so the convs and GroupNorms of this ResNet still
-materialize per-sample gradients for their norms); `fast_samplers` (default true: _opacus_fast's
-grouped-convolution Conv2d sampler and copy-free storage, same numbers; false: stock Opacus);
-the device comes from training.device (base.Runtime).
+materialize per-sample gradients for their norms) or "bk" (Book-Keeping, _opacus_bk: Opacus'
+fast-gradient-clipping hooks, clip coefficients and optimizer, with _bookkeeping_torch's
+per-layer norm samplers; one backward to the layers' outputs, no batch weight gradient, and the
+clipped sum from the hooks' activations and backprops instead of a second backward);
+`fast_samplers` (default true: _opacus_fast's grouped-convolution Conv2d sampler and copy-free
+storage, same numbers; false: stock Opacus, not with bk, which runs none of Opacus' samplers);
+the device comes from training.device (base.Runtime). docs/backends/opacus.md says more.
 Non-private: plain torch SGD on the same model, hooks off.
 """
 
