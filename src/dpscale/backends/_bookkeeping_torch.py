@@ -67,6 +67,8 @@ GROUPED_MIN_POSITIONS, GROUPED_MIN_PATCH = 256, 64
 
 
 def grouped_wins(m: nn.Conv2d, a: torch.Tensor, g: torch.Tensor) -> bool:
+    """Whether `grouped_weight_grads` beats unfold + bmm here (inputs per position: Cin /
+    groups x kh x kw)."""
     positions = g.shape[2] * g.shape[3]
     return (
         a.device.type == "cpu"
@@ -79,17 +81,23 @@ def _unfold(m: nn.Conv2d, a: torch.Tensor) -> torch.Tensor:
     return F.unfold(a, m.kernel_size, m.dilation, m.padding, m.stride)
 
 
-def _per_example_conv(m, a, g, cols, grads) -> torch.Tensor:
-    """Each example's weight gradient, (n, Cout, Cin, kh, kw)."""
+def grouped_weight_grads(m: nn.Conv2d, a: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
+    """Each example's weight gradient, (n, *m.weight.shape), as one convolution backward with
+    n copies of the layer, one group (of m.groups) per example (also _opacus_fast's sampler)."""
     n, w = len(a), m.weight
-    if cols is not None:
-        return torch.bmm(grads, cols.transpose(1, 2)).view(n, *w.shape)
     # The kernel's values are never read for a weight gradient, only its shape.
     shape_only = w.new_empty((n * w.shape[0], *w.shape[1:]))
     return torch.ops.aten.convolution_backward(
         g.reshape(1, -1, *g.shape[2:]), a.reshape(1, -1, *a.shape[2:]), shape_only, None,
-        m.stride, m.padding, m.dilation, False, [0, 0], n, [False, True, False],
+        m.stride, m.padding, m.dilation, False, [0, 0], n * m.groups, [False, True, False],
     )[1].view(n, *w.shape)  # fmt: skip
+
+
+def _per_example_conv(m, a, g, cols, grads) -> torch.Tensor:
+    """Each example's weight gradient, (n, Cout, Cin, kh, kw)."""
+    if cols is not None:
+        return torch.bmm(grads, cols.transpose(1, 2)).view(len(a), *m.weight.shape)
+    return grouped_weight_grads(m, a, g)
 
 
 def _conv(m: nn.Conv2d, a: torch.Tensor, g: torch.Tensor) -> Share:
