@@ -132,7 +132,7 @@ class Adapter(tr.TorchModel, BaseAdapter):
         if self.grad_sample_mode == "bk":
             return gsm.clipped_backward(x, y)  # one backward; p.grad is the clipped sum
         logits = gsm(x)
-        if self._fgc:
+        if self.grad_sample_mode == "ghost":
             criterion = DPLossFastGradientClipping(
                 gsm, opt, nn.CrossEntropyLoss(reduction="mean"), loss_reduction="mean"
             )
