@@ -42,7 +42,8 @@ for b in reference opacus jax tfprivacy objax; do pythons+=(--python "$b=$py"); 
 # reference and jax: Book-Keeping (their default) and vmap (before); jax's conv on a GPU is
 # XLA's; tfprivacy and objax: one row each to say "not measured".
 modes='{"reference": [{}, {"mode": "vmap"}],
-  "opacus": [{"grad_sample_mode": "hooks"}, {"grad_sample_mode": "ghost"}],
+  "opacus": [{"grad_sample_mode": "hooks"}, {"grad_sample_mode": "ghost"},
+  {"grad_sample_mode": "bk"}],
   "jax": [{}, {"mode": "vmap"}], "tfprivacy": [{}], "objax": [{}]}'
 "$py" benchmarks/steps.py "${pythons[@]}" --backends reference,opacus,jax,tfprivacy,objax \
   --width 64 --image-size 64 --batch-size 256 1024 --physical 256 \

@@ -61,14 +61,15 @@ CHANGES: dict[str, list[str]] = {
         "Per-sample gradients built by the hooks (`aten::bmm` from Opacus' einsum samplers, "
         "dpscale's grouped convolutions inside `aten::convolution_backward`/"
         "`aten::mkldnn_convolution`'s DP-only share, `aten::copy_` of the unfolded "
-        "activations) -> Book-Keeping: ghost norms where T^2 < p, then the clipped sum as one "
-        "weighted matmul per layer.",
+        "activations) -> Book-Keeping (grad_sample_mode=bk): ghost norms where T^2 < p, then "
+        "the clipped sum as one weighted matmul per layer.",
         "The batch weight gradient that the ordinary backward computes and DP discards (the "
         "weight-gradient part of the non-private-sized `aten::convolution_backward`) -> "
         "Book-Keeping's weighted sum replaces it (the input gradients stay).",
         "Per-parameter clip-and-sum loops (`aten::linalg_vector_norm`, `aten::mul`, "
-        "`aten::sum`, the hook's Python in `BackwardHookFunctionBackward`) -> one clip factor "
-        "vector and one weighted matmul per layer.",
+        "`aten::sum`) -> one clip factor vector and one weighted matmul per layer; the hooks' "
+        "Python in `BackwardHookFunctionBackward` stays in mode bk (Opacus' hooks still hand "
+        "over each layer).",
         "Noise (`aten::normal_`, DP only) and the optimizer step (both kinds) stay whatever the "
         "clipping: they bound the ratio from below.",
     ],

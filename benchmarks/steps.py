@@ -68,8 +68,9 @@ MODES: dict[str, list[dict]] = {
     # reference and jax default to mode bk: Book-Keeping (ghost norms / per-example gradients
     # per layer, one backward pass); mode vmap (per-example gradients) is their before.
     "reference": [{}, {"mode": "vmap"}],
-    # fast_samplers=false: stock Opacus beside dpscale's samplers (_opacus_fast), same run.
-    "opacus": [{"grad_sample_mode": m} for m in ("hooks", "functorch", "ghost")]
+    # fast_samplers=false: stock Opacus beside dpscale's samplers (_opacus_fast), same run;
+    # bk: Book-Keeping in Opacus' fast-gradient-clipping hooks (_opacus_bk).
+    "opacus": [{"grad_sample_mode": m} for m in ("hooks", "functorch", "ghost", "bk")]
     + [{"grad_sample_mode": "hooks", "fast_samplers": False}],
     # xla=false (about 10x slower per the adapter) is left out of the default run.
     "tfprivacy": [{"mode": "ghost"}, {"mode": "vmap"}],
@@ -92,8 +93,9 @@ WHY: dict[str, str] = {
         "the ordinary backward still computes every layer's batch weight gradient, which DP "
         "discards, then the hooks build each layer's per-sample gradient (dpscale's grouped-"
         "convolution sampler on large maps, Opacus' unfold + einsum on small ones) and clip and "
-        "sum them in per-parameter loops; Book-Keeping (the clipped sum as one weighted matmul "
-        "per layer, no batch weight gradient) would cut it."
+        "sum them in per-parameter loops; grad_sample_mode=bk (Book-Keeping: ghost norms where "
+        "T^2 is small, the clipped sum as one weighted matmul per layer, no batch weight "
+        "gradient) cuts it."
     ),
     "opacus-hooks-stock": (
         "as opacus-hooks, with Opacus' unfold + einsum sampler on every conv (its im2col copy "
@@ -108,9 +110,16 @@ WHY: dict[str, str] = {
         "Opacus 1.6 registers ghost norm samplers only for Linear and Embedding, so every Conv2d "
         "and GroupNorm still materializes per-sample gradients to get their norms (the hooks "
         "cost), and ghost clipping then adds a second backward pass with the clip-weighted loss; "
-        "a Conv2d norm sampler (ghost norm from unfolded activations and backprops, chosen per "
-        "layer when T^2 < Cout Cin k^2) would remove the materialization, but not the second "
-        "backward; prefer hooks on CPU."
+        "grad_sample_mode=bk registers Book-Keeping norm samplers for every layer in the same "
+        "machinery and forms the clipped sum from the hooks' activations and backprops, which "
+        "removes both."
+    ),
+    "opacus-bk": (
+        "one forward and one backward to the layers' outputs (no batch weight gradient), then per "
+        "layer the Book-Keeping norm and clip-weighted sum (per-example gradients of the early "
+        "convs by a grouped convolution backward, ghost-norm Gram matrices in the later ones); "
+        "above reference-bk by Opacus' full backward hooks (a Python call per layer and "
+        "backward) and its optimizer's accumulate / noise / scale passes."
     ),
     "dpmodel-vmap-xla": (
         "tf.vectorized_map over one-example tapes materializes every example's gradient and the "

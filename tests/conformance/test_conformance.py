@@ -90,7 +90,10 @@ VARIANTS_OF = {
         )
         for m in ("hooks", "functorch", "ghost")
         for fast in (True, False)
-    ],
+    ]
+    # Book-Keeping through Opacus' fast-gradient-clipping hooks (_opacus_bk): no per-sample
+    # sampler of Opacus', so no stock variant; both stems, as reference-bk and jax-bk.
+    + [({"grad_sample_mode": "bk"}, "opacus-bk", BOTH)],
     "reference": [({"mode": "vmap"}, "reference-torch.func", BOTH), ({}, "reference-bk", BOTH)],
 }
 # The oracle every variant is compared with: the reference backend's vmap mode (nothing hidden;

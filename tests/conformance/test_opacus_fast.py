@@ -1,14 +1,16 @@
-"""dpscale's Opacus speed-ups (_opacus_fast) give Opacus' own numbers, on the paths they take.
+"""dpscale's Opacus speed-ups (_opacus_fast, and mode bk's _opacus_bk) give Opacus' own numbers,
+on the paths they take.
 
-The conformance models are too small for the grouped-convolution sampler to engage (it needs
->= 256 output positions and >= 64 inputs per position), so these cases are sized for it. Runs in
-the opacus venv; results come back as JSON.
+The conformance models are too small for the grouped-convolution sampler (and Book-Keeping's
+grouped per-example path) to engage (it needs >= 256 output positions and >= 64 inputs per
+position), so these cases are sized for it. Runs in the opacus venv; results come back as JSON.
 """
 
 from __future__ import annotations
 
 import textwrap
 
+import numpy as np
 import pytest
 
 from tests import jobs
@@ -22,12 +24,12 @@ PROBE = textwrap.dedent(
     from torch import nn
     from opacus.grad_sample import GradSampleModule
     from opacus.grad_sample.conv import compute_conv_grad_sample
-    from dpscale.backends import _opacus_fast, load
+    from dpscale.backends import _bookkeeping_torch, _opacus_bk, _opacus_fast, load
     from dpscale.backends.base import Batch
     from dpscale.models.resnet import ResNetSpec
 
     torch.manual_seed(0)
-    out = {"conv": {}, "adapter": {}, "tied": {}}
+    out = {"conv": {}, "adapter": {}, "tied": {}, "bk": {}}
     # (in, out, kernel, stride, padding, dilation, groups, bias, input size): each on the grouped
     # path, with what a ResNet does not use (bias, groups, dilation) included.
     convs = {
@@ -68,7 +70,34 @@ PROBE = textwrap.dedent(
             out["adapter"][f"{mode}-{fast}"] = {
                 "mode": a.mode, "grads": {n: g.ravel().tolist() for n, g in grads.items()},
                 "opacus_copies": len(copies)}
+    a = load("opacus")(spec, {"grad_sample_mode": "bk"}, 0, 1)
+    copies.clear()
+    grads = a.clipped_grad_sum(batch, 0.05)
+    out["adapter"]["bk-True"] = {
+        "mode": a.mode, "grads": {n: g.ravel().tolist() for n, g in grads.items()},
+        "opacus_copies": len(copies)}
     _opacus_fast._opacus_store = opacus_store
+
+    # Mode bk's backward: Opacus' hooks fire on a backward to the layers' outputs only, hand
+    # every layer to its Book-Keeping norm sampler, and no weight gradient is formed.
+    model = a.model
+    for p in model.parameters():
+        p.grad = None
+        del p._norm_sample  # left by clipped_grad_sum: the norms below must be this backward's
+    gsm = a._gsm  # the adapter's BookKeepingModule, built by clipped_grad_sum
+    x, y = torch.randn(4, 16, 16, 3).permute(0, 3, 1, 2), torch.tensor([0, 1, 2, 0])
+    _bookkeeping_torch.forward_backward(gsm, gsm.bk_layers, x, y)
+    out["bk"]["weight_grads"] = sum(p.grad is not None for p in model.parameters())
+    out["bk"]["layers"] = len(gsm.bk_layers)
+    out["bk"]["sampled"] = sum(hasattr(m, "bk_weighted_sum") for _, m in gsm.bk_layers)
+    out["bk"]["norms"] = sum(p._norm_sample.shape == (4,) for p in model.parameters())
+    out["bk"]["params"] = len(list(model.parameters()))
+    class Conv(nn.Conv2d):
+        pass
+    try:
+        _opacus_bk.BookKeepingModule(nn.Sequential(Conv(3, 4, 3), nn.Flatten()), 1.0)
+    except ValueError as err:
+        out["bk"]["subclass_error"] = str(err)
 
     # Tied weights: the second use of a layer accumulates into the stored per-sample gradient.
     class Tied(nn.Module):
@@ -119,7 +148,9 @@ def test_fast_and_stock_opacus_clip_to_the_same_sum(probe):
         assert set(fast["grads"]) == set(stock["grads"])
         for n, g in fast["grads"].items():
             assert any(v != 0 for v in g), f"{mode}: {n} got no gradient"
-            assert g == pytest.approx(stock["grads"][n], rel=1e-4, abs=1e-7), f"{mode}: {n}"
+            np.testing.assert_allclose(
+                g, stock["grads"][n], rtol=1e-4, atol=1e-7, err_msg=f"{mode}: {n}"
+            )
 
 
 def test_tied_weights_still_accumulate_per_sample_gradients(probe):
@@ -133,3 +164,21 @@ def test_tied_weights_still_accumulate_per_sample_gradients(probe):
     summed = tied["True-summed"][0]
     rows = [per_sample[i * 16 : (i + 1) * 16] for i in range(3)]
     assert [sum(c) for c in zip(*rows, strict=True)] == pytest.approx(summed, rel=1e-4, abs=1e-6)
+
+
+def test_bk_clips_to_stock_opacus_sum_without_a_weight_gradient(probe):
+    """Mode bk (Opacus' hooks and optimizer, Book-Keeping's norms and sums): stock Opacus'
+    clipped sum with grouped per-example convs engaged; its backward forms no weight gradient,
+    yet Opacus' hooks hand every layer to its norm sampler."""
+    bk, stock = probe["adapter"]["bk-True"], probe["adapter"]["hooks-False"]
+    assert bk["mode"] == "opacus-bk"
+    assert bk["opacus_copies"] == 0, "mode bk stored a per-sample gradient"
+    assert set(bk["grads"]) == set(stock["grads"])
+    for n, g in bk["grads"].items():
+        assert any(v != 0 for v in g), n
+        np.testing.assert_allclose(g, stock["grads"][n], rtol=1e-4, atol=1e-7, err_msg=n)
+    hooks = probe["bk"]
+    assert hooks["weight_grads"] == 0
+    assert hooks["sampled"] == hooks["layers"] > 0
+    assert hooks["norms"] == hooks["params"]
+    assert "Conv" in hooks["subclass_error"] and "expected exact" in hooks["subclass_error"]

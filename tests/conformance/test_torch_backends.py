@@ -41,6 +41,8 @@ PROBE = textwrap.dedent(
     if name == "opacus":
         error("bad_mode", lambda: Adapter(spec, {"grad_sample_mode": "magic"}, 0, 1))
         error("bad_fast", lambda: Adapter(spec, {"fast_samplers": "yes"}, 0, 1))
+        stock_bk = {"grad_sample_mode": "bk", "fast_samplers": False}
+        error("bk_stock", lambda: Adapter(spec, stock_bk, 0, 1))
     a = Adapter(spec, {}, 0, 1)
     w = init_weights(spec, 0)
     error("wrong_shape", lambda: a.set_weights({**w, "fc.bias": np.zeros(7, np.float32)}))
@@ -92,8 +94,9 @@ def test_bad_input_gets_one_clear_line(probe):
         "bad_checkpoint": [name, "checkpoint", "expected"],
     }
     if name == "opacus":
-        expected["bad_mode"] = ["grad_sample_mode", "magic", "hooks, functorch, ghost"]
+        expected["bad_mode"] = ["grad_sample_mode", "magic", "hooks, functorch, ghost, bk"]
         expected["bad_fast"] = ["fast_samplers", "'yes'", "true or false"]
+        expected["bk_stock"] = ["fast_samplers=false", "grad_sample_mode=bk", "expected"]
     for key, words in expected.items():
         message = out[key]
         assert message is not None, f"{key}: no error raised"
@@ -151,7 +154,7 @@ FREEZE_PROBE = textwrap.dedent(
     """
 )
 FREEZE_CASES = [("reference", {})] + [
-    ("opacus", {"grad_sample_mode": m}) for m in ("hooks", "functorch", "ghost")
+    ("opacus", {"grad_sample_mode": m}) for m in ("hooks", "functorch", "ghost", "bk")
 ]
 
 

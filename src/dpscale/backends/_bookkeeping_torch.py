@@ -2,7 +2,8 @@
 
 Bu et al. 2022, "Differentially private optimization on large model at small cost" (fastDP's
 BK with mixed ghost clipping); the ghost norm is Li et al. 2021's. Part of the reference
-backend (option mode: bk); plain torch, no other framework.
+backend (option mode: bk) and, as norm samplers in Opacus' hooks, of the opacus backend's
+grad_sample_mode bk (_opacus_bk); plain torch, no other framework.
 
 One forward records each parameterized layer's input a; one backward, `autograd.grad` of the
 summed loss w.r.t. those layers' outputs only, gives every example's output gradient g (no
@@ -54,8 +55,9 @@ def tracked_layers(model: nn.Module) -> list[tuple[str, nn.Module]]:
     return layers
 
 
-# One layer's share: (squared per-example norms (n,), weights (n,) -> {param name: sum}).
-Share = tuple[torch.Tensor, Callable[[torch.Tensor], dict[str, torch.Tensor]]]
+# One layer's share: ({param name: squared per-example norms (n,)}, weights (n,) -> {param name:
+# sum}). Per parameter, as Opacus' norm samplers return them (the opacus adapter's mode bk).
+Share = tuple[dict[str, torch.Tensor], Callable[[torch.Tensor], dict[str, torch.Tensor]]]
 
 
 # On CPU, from these sizes on, example i's conv weight gradient as one grouped convolution
@@ -65,6 +67,8 @@ GROUPED_MIN_POSITIONS, GROUPED_MIN_PATCH = 256, 64
 
 
 def grouped_wins(m: nn.Conv2d, a: torch.Tensor, g: torch.Tensor) -> bool:
+    """Whether `grouped_weight_grads` beats unfold + bmm here (inputs per position: Cin /
+    groups x kh x kw)."""
     positions = g.shape[2] * g.shape[3]
     return (
         a.device.type == "cpu"
@@ -77,17 +81,23 @@ def _unfold(m: nn.Conv2d, a: torch.Tensor) -> torch.Tensor:
     return F.unfold(a, m.kernel_size, m.dilation, m.padding, m.stride)
 
 
-def _per_example_conv(m, a, g, cols, grads) -> torch.Tensor:
-    """Each example's weight gradient, (n, Cout, Cin, kh, kw)."""
+def grouped_weight_grads(m: nn.Conv2d, a: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
+    """Each example's weight gradient, (n, *m.weight.shape), as one convolution backward with
+    n copies of the layer, one group (of m.groups) per example (also _opacus_fast's sampler)."""
     n, w = len(a), m.weight
-    if cols is not None:
-        return torch.bmm(grads, cols.transpose(1, 2)).view(n, *w.shape)
     # The kernel's values are never read for a weight gradient, only its shape.
     shape_only = w.new_empty((n * w.shape[0], *w.shape[1:]))
     return torch.ops.aten.convolution_backward(
         g.reshape(1, -1, *g.shape[2:]), a.reshape(1, -1, *a.shape[2:]), shape_only, None,
-        m.stride, m.padding, m.dilation, False, [0, 0], n, [False, True, False],
+        m.stride, m.padding, m.dilation, False, [0, 0], n * m.groups, [False, True, False],
     )[1].view(n, *w.shape)  # fmt: skip
+
+
+def _per_example_conv(m, a, g, cols, grads) -> torch.Tensor:
+    """Each example's weight gradient, (n, Cout, Cin, kh, kw)."""
+    if cols is not None:
+        return torch.bmm(grads, cols.transpose(1, 2)).view(len(a), *m.weight.shape)
+    return grouped_weight_grads(m, a, g)
 
 
 def _conv(m: nn.Conv2d, a: torch.Tensor, g: torch.Tensor) -> Share:
@@ -97,7 +107,7 @@ def _conv(m: nn.Conv2d, a: torch.Tensor, g: torch.Tensor) -> Share:
             "numeric zero padding"
         )
     out: dict[str, Callable] = {}
-    sq = torch.zeros(len(a), device=a.device, dtype=a.dtype)
+    sq: dict[str, torch.Tensor] = {}
     if m.weight.requires_grad:
         grads = g.flatten(2)  # (n, Cout, T)
         ghost = use_ghost_norm(grads.shape[2], m.weight.numel())
@@ -105,7 +115,7 @@ def _conv(m: nn.Conv2d, a: torch.Tensor, g: torch.Tensor) -> Share:
         if ghost:
             gram_a = torch.bmm(cols.transpose(1, 2), cols)
             gram_g = torch.bmm(grads.transpose(1, 2), grads)
-            sq = sq + (gram_a * gram_g).sum((1, 2))
+            sq["weight"] = (gram_a * gram_g).sum((1, 2))
 
             def weight(c: torch.Tensor) -> torch.Tensor:
                 # The batch weight gradient of the layer with example i's output gradient scaled
@@ -117,7 +127,7 @@ def _conv(m: nn.Conv2d, a: torch.Tensor, g: torch.Tensor) -> Share:
                 )[1]  # fmt: skip
         else:
             per_example = _per_example_conv(m, a, g, cols, grads)
-            sq = sq + per_example.pow(2).flatten(1).sum(1)
+            sq["weight"] = per_example.pow(2).flatten(1).sum(1)
 
             def weight(c: torch.Tensor) -> torch.Tensor:
                 return torch.tensordot(c, per_example, 1).view_as(m.weight)
@@ -125,7 +135,7 @@ def _conv(m: nn.Conv2d, a: torch.Tensor, g: torch.Tensor) -> Share:
         out["weight"] = weight
     if m.bias is not None and m.bias.requires_grad:
         bias = g.sum((2, 3))
-        sq = sq + bias.pow(2).sum(1)
+        sq["bias"] = bias.pow(2).sum(1)
         out["bias"] = lambda c: c @ bias
     return sq, lambda c: {k: f(c) for k, f in out.items()}
 
@@ -134,12 +144,12 @@ def _linear(m: nn.Linear, a: torch.Tensor, g: torch.Tensor) -> Share:
     if a.dim() != 2:
         raise ValueError(f"book-keeping clipping: Linear input {tuple(a.shape)}; expected (n, in)")
     out: dict[str, Callable] = {}
-    sq = torch.zeros(len(a), device=a.device, dtype=a.dtype)
+    sq: dict[str, torch.Tensor] = {}
     if m.weight.requires_grad:  # T = 1: the ghost norm is the product of the two norms
-        sq = sq + a.pow(2).sum(1) * g.pow(2).sum(1)
+        sq["weight"] = a.pow(2).sum(1) * g.pow(2).sum(1)
         out["weight"] = lambda c: (g * c[:, None]).T @ a
     if m.bias is not None and m.bias.requires_grad:
-        sq = sq + g.pow(2).sum(1)
+        sq["bias"] = g.pow(2).sum(1)
         out["bias"] = lambda c: c @ g
     return sq, lambda c: {k: f(c) for k, f in out.items()}
 
@@ -151,11 +161,17 @@ def _group_norm(m: nn.GroupNorm, a: torch.Tensor, g: torch.Tensor) -> Share:
         per_example["weight"] = (xhat * g).flatten(2).sum(2)
     if m.bias is not None and m.bias.requires_grad:
         per_example["bias"] = g.flatten(2).sum(2)
-    sq = sum(v.pow(2).sum(1) for v in per_example.values())
+    sq = {k: v.pow(2).sum(1) for k, v in per_example.items()}
     return sq, lambda c: {k: c @ v for k, v in per_example.items()}
 
 
 SHARES = {nn.Conv2d: _conv, nn.Linear: _linear, nn.GroupNorm: _group_norm}
+
+
+def share(m: nn.Module, a: torch.Tensor, g: torch.Tensor) -> Share:
+    """The Share of layer m from its input a and output gradient g (no autograd graph)."""
+    with torch.no_grad():
+        return SHARES[next(k for k in SHARES if isinstance(m, k))](m, a, g)
 
 
 @dataclass
@@ -172,15 +188,18 @@ class Book:
         with torch.no_grad():
             return {
                 f"{layer}.{k}" if layer else k: v
-                for layer, share in self.shares
-                for k, v in share(weights).items()
+                for layer, weighted in self.shares
+                for k, v in weighted(weights).items()
             }
 
 
-def book_keeping(
+def forward_backward(
     model: nn.Module, layers: list[tuple[str, nn.Module]], x: torch.Tensor, y: torch.Tensor
-) -> Book:
-    """Forward x, backward once to the layers' outputs; the Book of (x, y)."""
+) -> tuple[torch.Tensor, list[torch.Tensor], list[torch.Tensor]]:
+    """Forward x through `model` (which runs `layers`), backward once to the layers' outputs:
+    the per-example losses (detached), each layer's input and each layer's output gradient.
+    Whatever else hooks the layers (Opacus' hooks, in the opacus adapter's mode bk) sees the
+    same backward, which forms no weight gradient."""
     records: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
 
     def keeper(name: str):
@@ -199,14 +218,20 @@ def book_keeping(
             h.remove()
     losses = F.cross_entropy(logits, y, reduction="none")
     # The summed loss' gradient w.r.t. each layer's output is every example's own output gradient.
-    outputs = [records[name][1] for name, _ in layers]
-    grads = torch.autograd.grad(losses.sum(), outputs)
-    sq = torch.zeros(len(x), device=x.device, dtype=logits.dtype)
+    grads = torch.autograd.grad(losses.sum(), [records[name][1] for name, _ in layers])
+    return losses.detach(), [records[name][0] for name, _ in layers], list(grads)
+
+
+def book_keeping(
+    model: nn.Module, layers: list[tuple[str, nn.Module]], x: torch.Tensor, y: torch.Tensor
+) -> Book:
+    """Forward x, backward once to the layers' outputs; the Book of (x, y)."""
+    losses, inputs, grads = forward_backward(model, layers, x, y)
+    sq = torch.zeros(len(x), device=x.device, dtype=losses.dtype)
     shares = []
-    with torch.no_grad():
-        for (name, m), g in zip(layers, grads, strict=True):
-            kind = next(k for k in SHARES if isinstance(m, k))
-            layer_sq, share = SHARES[kind](m, records[name][0], g)
-            sq = sq + layer_sq
-            shares.append((name, share))
-    return Book(losses.detach(), sq, shares)
+    for (name, m), a, g in zip(layers, inputs, grads, strict=True):
+        layer_sq, weighted = share(m, a, g)
+        for v in layer_sq.values():
+            sq = sq + v
+        shares.append((name, weighted))
+    return Book(losses, sq, shares)

@@ -4,9 +4,10 @@ Opacus is imported here only (a part of the opacus adapter). `install(True)` put
 `install(False)` restores Opacus' own; the adapter's option `fast_samplers` (default true)
 chooses, so the benchmark can time stock Opacus beside them in one run.
 
-- Conv2d per-sample weight gradients on CPU, for outputs of at least MIN_POSITIONS positions
-  and at least MIN_PATCH inputs per position (Cin / groups x kh x kw): one grouped convolution
-  backward (the batch as groups, oneDNN's weight-gradient kernel) instead of Opacus' unfold +
+- Conv2d per-sample weight gradients on CPU, for outputs of at least 256 positions and at
+  least 64 inputs per position (Cin / groups x kh x kw): one grouped convolution backward (the
+  batch as groups, oneDNN's weight-gradient kernel; _bookkeeping_torch's grouped_wins and
+  grouped_weight_grads, which its per-example convs use too) instead of Opacus' unfold +
   einsum, whose im2col copy dominates on large feature maps. On this project's 2-core CPU,
   ResNet-18 width 16, batch 64 (side by side, one process): 3x faster at 32x32 outputs, 1.5x
   at 16x16, even at 8x8, 2.5x slower at 4x4 and 2x slower for the RGB stem (27 inputs per
@@ -27,8 +28,7 @@ from opacus.grad_sample.conv import compute_conv_grad_sample
 from opacus.grad_sample.utils import register_grad_sampler
 from torch import nn
 
-MIN_POSITIONS = 256  # output H x W from which the grouped backward wins (see above)
-MIN_PATCH = 64  # Cin / groups x kh x kw below which it loses (the RGB stem: 27)
+from dpscale.backends import _bookkeeping_torch as bk
 
 _opacus_store = gsm_module.create_or_accumulate_grad_sample
 
@@ -38,37 +38,16 @@ def grouped_conv_grad_sample(
 ) -> dict[nn.Parameter, torch.Tensor]:
     """Per-sample gradients of a Conv2d: Opacus' grad-sampler signature and result."""
     x = activations[0].to(backprops.dtype)
-    n = x.shape[0]
-    positions = backprops.shape[-2] * backprops.shape[-1]
     if (
-        n == 0
-        or x.device.type != "cpu"
-        or positions < MIN_POSITIONS
-        or layer.weight[0].numel() < MIN_PATCH
+        x.shape[0] == 0
+        or not bk.grouped_wins(layer, x, backprops)
         or isinstance(layer.padding, str)
         or layer.padding_mode != "zeros"
     ):
         return compute_conv_grad_sample(layer, activations, backprops)
     out = {}
     if layer.weight.requires_grad:
-        w = layer.weight
-        # The kernel's values are never read for a weight gradient, only its shape: n copies of
-        # the layer, one group per example.
-        shape_only = w.new_empty((n * w.shape[0], *w.shape[1:]))
-        _, grad_w, _ = torch.ops.aten.convolution_backward(
-            backprops.reshape(1, n * backprops.shape[1], *backprops.shape[2:]),
-            x.reshape(1, n * x.shape[1], *x.shape[2:]),
-            shape_only,
-            None,
-            layer.stride,
-            layer.padding,
-            layer.dilation,
-            False,
-            [0, 0],
-            n * layer.groups,
-            [False, True, False],
-        )
-        out[w] = grad_w.view(n, *w.shape)
+        out[layer.weight] = bk.grouped_weight_grads(layer, x, backprops)
     if layer.bias is not None and layer.bias.requires_grad:
         out[layer.bias] = backprops.sum(dim=(2, 3))
     return out

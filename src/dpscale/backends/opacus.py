@@ -8,12 +8,16 @@ batch of several chunks is one optimizer step: every chunk but the last is a ski
 noise is drawn once. Padding rows are sliced away (PyTorch is eager); a logical batch with no
 real rows still takes the noise-only step, via the empty-batch path of Opacus' clipping.
 
-Options: `grad_sample_mode` "hooks" (default), "functorch" or "ghost" (fast gradient clipping:
+Options: `grad_sample_mode` "hooks" (default), "functorch", "ghost" (fast gradient clipping:
 per-sample norms, then a second backward of the coefficient-weighted loss; Opacus 1.6 has ghost
 norm samplers only for Linear and Embedding, so the convs and GroupNorms of this ResNet still
-materialize per-sample gradients for their norms); `fast_samplers` (default true: _opacus_fast's
-grouped-convolution Conv2d sampler and copy-free storage, same numbers; false: stock Opacus);
-the device comes from training.device (base.Runtime).
+materialize per-sample gradients for their norms) or "bk" (Book-Keeping, _opacus_bk: Opacus'
+fast-gradient-clipping hooks, clip coefficients and optimizer, with _bookkeeping_torch's
+per-layer norm samplers; one backward to the layers' outputs, no batch weight gradient, and the
+clipped sum from the hooks' activations and backprops instead of a second backward);
+`fast_samplers` (default true: _opacus_fast's grouped-convolution Conv2d sampler and copy-free
+storage, same numbers; false: stock Opacus, not with bk, which runs none of Opacus' samplers);
+the device comes from training.device (base.Runtime). docs/backends/opacus.md says more.
 Non-private: plain torch SGD on the same model, hooks off.
 """
 
@@ -31,13 +35,13 @@ from opacus.optimizers import DPOptimizer, DPOptimizerFastGradientClipping
 from opacus.utils.fast_gradient_clipping_utils import DPLossFastGradientClipping
 from torch import nn
 
-from dpscale.backends import _opacus_fast
+from dpscale.backends import _opacus_bk, _opacus_fast
 from dpscale.backends import _torch_resnet as tr
 from dpscale.backends.base import Adapter as BaseAdapter
 from dpscale.backends.base import Batch, StepConfig
 from dpscale.models.resnet import init_weights
 
-MODES = ("hooks", "functorch", "ghost")
+MODES = ("hooks", "functorch", "ghost", "bk")
 
 # Noise only, no behaviour change: the pseudo-RNG is what seeded, reproducible runs need, and
 # the first conv's input never requires grad, which Opacus' full backward hooks report.
@@ -47,7 +51,7 @@ warnings.filterwarnings("ignore", message=r"Full backward hook is firing when gr
 
 class Adapter(tr.TorchModel, BaseAdapter):
     OPTIONS = {
-        "grad_sample_mode": "hooks, functorch or ghost",
+        "grad_sample_mode": "hooks, functorch, ghost or bk",
         "fast_samplers": "dpscale's faster Conv2d sampler and storage (same numbers)",
     }
 
@@ -62,6 +66,11 @@ class Adapter(tr.TorchModel, BaseAdapter):
         fast = self.options.get("fast_samplers", True)
         if not isinstance(fast, bool):
             raise ValueError(f"opacus option fast_samplers={fast!r}; expected true or false")
+        if self.grad_sample_mode == "bk" and not fast:
+            raise ValueError(
+                "opacus option fast_samplers=false with grad_sample_mode=bk; expected it unset "
+                "or true: mode bk runs none of Opacus' per-sample samplers"
+            )
         _opacus_fast.install(fast)
         self.mode = f"opacus-{self.grad_sample_mode}" + ("" if fast else "-stock")
         tr.set_threads(threads)
@@ -76,13 +85,16 @@ class Adapter(tr.TorchModel, BaseAdapter):
 
     # -- Opacus machinery -------------------------------------------------------------------
     @property
-    def _ghost(self) -> bool:
-        return self.grad_sample_mode == "ghost"
+    def _fgc(self) -> bool:
+        """Opacus' fast-gradient-clipping module and optimizer: p.grad is the clipped sum."""
+        return self.grad_sample_mode in ("ghost", "bk")
 
     def _grad_sample_module(self, clip_norm: float):
         """One wrapper for the adapter's life: wrapping twice would hook every layer twice."""
         if self._gsm is None:
-            if self._ghost:
+            if self.grad_sample_mode == "bk":
+                self._gsm = _opacus_bk.BookKeepingModule(self.model, max_grad_norm=clip_norm)
+            elif self.grad_sample_mode == "ghost":
                 self._gsm = GradSampleModuleFastGradientClipping(
                     self.model, batch_first=True, loss_reduction="mean", max_grad_norm=clip_norm
                 )
@@ -93,14 +105,14 @@ class Adapter(tr.TorchModel, BaseAdapter):
                     loss_reduction="mean",
                     force_functorch=self.grad_sample_mode == "functorch",
                 )
-        if self._ghost:
-            # Ghost clipping computes the clip coefficients inside the module.
+        if self._fgc:
+            # Ghost clipping and Book-Keeping compute the clip coefficients inside the module.
             self._gsm.max_grad_norm = clip_norm
         self._gsm.enable_hooks()
         return self._gsm
 
     def _dp_optimizer(self, sgd, sigma: float, clip_norm: float, batch_size: float):
-        cls = DPOptimizerFastGradientClipping if self._ghost else DPOptimizer
+        cls = DPOptimizerFastGradientClipping if self._fgc else DPOptimizer
         return cls(
             sgd,
             noise_multiplier=sigma,
@@ -117,8 +129,10 @@ class Adapter(tr.TorchModel, BaseAdapter):
 
     def _dp_backward(self, gsm, opt, x: torch.Tensor, y: torch.Tensor) -> float:
         """Forward/backward of one chunk's real rows; returns its loss sum."""
+        if self.grad_sample_mode == "bk":
+            return gsm.clipped_backward(x, y)  # one backward; p.grad is the clipped sum
         logits = gsm(x)
-        if self._ghost:
+        if self.grad_sample_mode == "ghost":
             criterion = DPLossFastGradientClipping(
                 gsm, opt, nn.CrossEntropyLoss(reduction="mean"), loss_reduction="mean"
             )
@@ -132,7 +146,7 @@ class Adapter(tr.TorchModel, BaseAdapter):
     def _no_rows(self) -> None:
         """What a chunk of zero rows leaves behind, so an optimizer step adds nothing of it."""
         for p in self.trainable().values():
-            if self._ghost:
+            if self._fgc:
                 p.grad = torch.zeros_like(p)
             else:
                 p.grad_sample = torch.zeros((0, *p.shape), device=p.device, dtype=p.dtype)
@@ -216,7 +230,7 @@ class Adapter(tr.TorchModel, BaseAdapter):
             for n, p in self.trainable().items()
         }
         opt.zero_grad(set_to_none=True)
-        if self._ghost and self._step is not None and self._step.private:
+        if self._fgc and self._step is not None and self._step.private:
             gsm.max_grad_norm = self._step.clip_norm
         return out
 
