@@ -18,7 +18,7 @@ from dpscale.plots import data, figures, style
 
 MODES = {
     "reference": "reference-bk",
-    "opacus": "opacus-hooks",
+    "opacus": "opacus-bk",
     "tfprivacy": "fast-clipping-ghost-xla",
     "objax": "objax-pgv",
     "jax": "jax-bk",

@@ -8,15 +8,16 @@ batch of several chunks is one optimizer step: every chunk but the last is a ski
 noise is drawn once. Padding rows are sliced away (PyTorch is eager); a logical batch with no
 real rows still takes the noise-only step, via the empty-batch path of Opacus' clipping.
 
-Options: `grad_sample_mode` "hooks" (default), "functorch", "ghost" (fast gradient clipping:
-per-sample norms, then a second backward of the coefficient-weighted loss; Opacus 1.6 has ghost
-norm samplers only for Linear and Embedding, so the convs and GroupNorms of this ResNet still
-materialize per-sample gradients for their norms) or "bk" (Book-Keeping, _opacus_bk: Opacus'
+Options: `grad_sample_mode` "bk" (default: Book-Keeping, _opacus_bk: Opacus'
 fast-gradient-clipping hooks, clip coefficients and optimizer, with _bookkeeping_torch's
 per-layer norm samplers; one backward to the layers' outputs, no batch weight gradient, and the
-clipped sum from the hooks' activations and backprops instead of a second backward);
-`fast_samplers` (default true: _opacus_fast's grouped-convolution Conv2d sampler and copy-free
-storage, same numbers; false: stock Opacus, not with bk, which runs none of Opacus' samplers);
+clipped sum from the hooks' activations and backprops instead of a second backward), "hooks"
+(Opacus' per-sample gradients), "functorch" or "ghost" (fast gradient clipping: per-sample
+norms, then a second backward of the coefficient-weighted loss; Opacus 1.6 has ghost norm
+samplers only for Linear and Embedding, so the convs and GroupNorms of this ResNet still
+materialize per-sample gradients for their norms); `fast_samplers` (default true:
+_opacus_fast's grouped-convolution Conv2d sampler and copy-free storage, same numbers; false:
+stock Opacus, with hooks, functorch or ghost: bk runs none of Opacus' samplers);
 the device comes from training.device (base.Runtime). docs/backends/opacus.md says more.
 Non-private: plain torch SGD on the same model, hooks off.
 """
@@ -42,6 +43,8 @@ from dpscale.backends.base import Batch, StepConfig
 from dpscale.models.resnet import init_weights
 
 MODES = ("hooks", "functorch", "ghost", "bk")
+# Book-Keeping: the same clipped sums as hooks in about 0.7x its DP step (docs/benchmarks.md).
+DEFAULT_MODE = "bk"
 
 # Noise only, no behaviour change: the pseudo-RNG is what seeded, reproducible runs need, and
 # the first conv's input never requires grad, which Opacus' full backward hooks report.
@@ -57,7 +60,7 @@ class Adapter(tr.TorchModel, BaseAdapter):
 
     def _build(self) -> None:
         spec, seed, threads = self.spec, self.seed, self.threads
-        self.grad_sample_mode = self.options.get("grad_sample_mode", "hooks")
+        self.grad_sample_mode = self.options.get("grad_sample_mode", DEFAULT_MODE)
         if self.grad_sample_mode not in MODES:
             raise ValueError(
                 f"opacus option grad_sample_mode={self.grad_sample_mode!r}; "
@@ -68,8 +71,9 @@ class Adapter(tr.TorchModel, BaseAdapter):
             raise ValueError(f"opacus option fast_samplers={fast!r}; expected true or false")
         if self.grad_sample_mode == "bk" and not fast:
             raise ValueError(
-                "opacus option fast_samplers=false with grad_sample_mode=bk; expected it unset "
-                "or true: mode bk runs none of Opacus' per-sample samplers"
+                "opacus option fast_samplers=false with grad_sample_mode=bk (the default); "
+                "expected grad_sample_mode hooks, functorch or ghost with it: mode bk runs none "
+                "of Opacus' per-sample samplers"
             )
         _opacus_fast.install(fast)
         self.mode = f"opacus-{self.grad_sample_mode}" + ("" if fast else "-stock")
