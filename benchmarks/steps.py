@@ -73,7 +73,8 @@ MODES: dict[str, list[dict]] = {
     "opacus": [{"grad_sample_mode": m} for m in ("hooks", "functorch", "ghost", "bk")]
     + [{"grad_sample_mode": "hooks", "fast_samplers": False}],
     # xla=false (about 10x slower per the adapter) is left out of the default run.
-    "tfprivacy": [{"mode": "ghost"}, {"mode": "vmap"}],
+    # mode bk: TF Privacy's norm pass, the clipped sum from its layer inputs and output gradients.
+    "tfprivacy": [{"mode": "ghost"}, {"mode": "bk"}, {"mode": "vmap"}],
     # conv: XLA's convolution vs conv_patches in the DP step (jax: patches by default on CPU;
     # objax: XLA's by default, as patches did not pay under its jax 0.5.3).
     "objax": [{}, {"use_norm_accumulation": True}, {"conv": "auto"}],
@@ -134,7 +135,7 @@ WHY: dict[str, str] = {
         "kernel gradient from im2col patches, 9x the activations for 3x3 convs), then a second "
         "backward of the clip-weighted loss; forming the clipped sum from the first pass' "
         "patches and output gradients (Book-Keeping: sum_i c_i A_i^T G_i, one einsum per layer) "
-        "would drop the second backward."
+        "drops the second backward: the same backend's mode=bk."
     ),
     "objax-pgv": (
         "PrivateGradValues with microbatch=1 vmaps the gradient over examples: XLA turns the "

@@ -66,6 +66,9 @@ VARIANTS_OF = {
     ],
     "tfprivacy": [
         ({}, "fast-clipping-ghost-xla", BOTH),
+        # mode bk forms the sums itself from each layer's input and output gradient (no second
+        # backward through the Keras model): both stems, as for jax's bk.
+        ({"mode": "bk"}, "bk-xla", BOTH),
         ({"xla": False}, "fast-clipping-ghost", CIFAR),
         ({"mode": "vmap"}, "dpmodel-vmap-xla", CIFAR),
         ({"mode": "vmap", "xla": False}, "dpmodel-vmap", CIFAR),

@@ -3,11 +3,14 @@
 The default DP path (mode "fast-clipping-ghost-xla", option mode=ghost): TF Privacy's fast
 gradient clipping, `clip_grads.compute_clipped_gradients_and_outputs`: per-example gradient
 norms from each layer's registry function in one forward/backward pass (TF Privacy 0.9.0 ships
-none for Conv2D and GroupNormalization, so this module registers its own, below), then the
-gradient of the loss reweighted by each row's clip factor (a second pass). Option mode=vmap
+none for Conv2D and GroupNormalization; dpscale's are in _bookkeeping_tf), then the
+gradient of the loss reweighted by each row's clip factor (a second pass). Option mode=bk (mode
+"bk-xla": Book-Keeping) runs the same norm pass, `clip_grads.compute_gradient_norms`, with
+registry functions that also record how to form each layer's clip-weighted sum from the layer
+input and output gradient they saw (_bookkeeping_tf): no second pass. Option mode=vmap
 (mode "dpmodel-vmap-xla") takes DPModel's own per-example path instead: `tf.vectorized_map`
 over one-example tapes, clipped by DPModel's `_process_per_example_grads`, exactly as
-`DPModel.train_step` does. Either runs inside one XLA-compiled function per physical shape
+`DPModel.train_step` does. Each runs inside one XLA-compiled function per physical shape
 (option xla=false: without XLA, modes without "-xla").
 
 Why not `DPModel.fit`/`train_step` as is: it adds noise to each physical batch and divides by
@@ -51,11 +54,9 @@ from tensorflow_privacy.privacy.fast_gradient_clipping import (  # noqa: E402
     gradient_clipping_utils,
     layer_registry,
 )
-from tensorflow_privacy.privacy.fast_gradient_clipping.registry_functions import (  # noqa: E402
-    einsum_utils,
-)
 from tensorflow_privacy.privacy.keras_models.dp_keras_model import DPModel  # noqa: E402
 
+from dpscale.backends import _bookkeeping_tf as bk  # noqa: E402
 from dpscale.backends import _keras_resnet as kr  # noqa: E402
 from dpscale.backends._xla_cache import cache_dir  # noqa: E402
 from dpscale.backends.base import Adapter as BaseAdapter  # noqa: E402
@@ -67,9 +68,9 @@ from dpscale.backends.base import (  # noqa: E402
 )
 from dpscale.models.resnet import ResNetSpec, init_weights, param_shapes  # noqa: E402
 
-MODES = ("ghost", "vmap")
+MODES = ("ghost", "bk", "vmap")
 DEFAULT_MODE = "ghost"
-MODE_LABELS = {"ghost": "fast-clipping-ghost", "vmap": "dpmodel-vmap"}
+MODE_LABELS = {"ghost": "fast-clipping-ghost", "bk": "bk", "vmap": "dpmodel-vmap"}
 ACCOUNTANT = (
     "tensorflow_privacy compute_dp_sgd_privacy_statement (RDP, dp_accounting default orders)"
 )
@@ -112,101 +113,9 @@ def epochs_for_steps(sample_rate: float, steps: int) -> float:
     return epochs
 
 
-# -- ghost norms for the layers TF Privacy's registry lacks -------------------------------------
-# TF Privacy's fast clipping (clip_grads) asks a registry function per trainable layer for the
-# per-example squared gradient norms; version 0.9.0 ships Dense, Embedding, LayerNormalization,
-# EinsumDense and MultiHeadAttention, not Conv2D or GroupNormalization. These two follow the
-# interface of its dense/layer_normalization functions: (base_vars, outputs, sqr_norm_fn).
-
-
-def conv2d_computation(layer_instance, input_args, input_kwargs, tape, num_microbatches=None):
-    """Conv2D (no bias, no activation, valid padding: _keras_resnet pads with ZeroPadding2D):
-    per-example ||A_i^T G_i||^2 over im2col patches A_i.
-
-    The convolution is a Dense map of its patches, so TF Privacy's einsum norm helper (which
-    picks the cheaper of the ghost Gram trick and materializing per-example gradients) applies.
-    """
-    if input_kwargs or len(input_args) != 1:
-        raise ValueError("Conv2D registry function expects one positional input")
-    if layer_instance.use_bias or layer_instance.activation is not tf.keras.activations.linear:
-        raise NotImplementedError("Conv2D registry function handles bias-free linear convs only")
-    if layer_instance.data_format != "channels_last" or max(layer_instance.dilation_rate) != 1:
-        raise NotImplementedError("Conv2D registry function handles NHWC, undilated convs only")
-    if layer_instance.padding != "valid":
-        raise NotImplementedError("Conv2D registry function handles padding='valid' only")
-    x = input_args[0]
-    base_vars = layer_instance(x)
-    tape.watch(base_vars)
-
-    def sqr_norm_fn(grads):
-        kh, kw = layer_instance.kernel_size
-        sh, sw = layer_instance.strides
-        # The im2col patches as kh*kw strided slices: XLA fuses these; tf.image.extract_patches
-        # was the costliest op of the DP step on CPU (DP/NP 3.0x -> 2.0x, same run settings).
-        # The column order differs from extract_patches', which a Frobenius norm ignores.
-        ho, wo = grads.shape[1], grads.shape[2]
-        patches = tf.stack(
-            [
-                x[:, i : i + sh * (ho - 1) + 1 : sh, j : j + sw * (wo - 1) + 1 : sw, :]
-                for i in range(kh)
-                for j in range(kw)
-            ],
-            axis=3,
-        )
-        # Static sizes: the einsum helper inspects shapes to pick its algorithm.
-        n, positions = tf.shape(x)[0], grads.shape[1] * grads.shape[2]
-        fan_in, fan_out = kh * kw * x.shape[-1], grads.shape[-1]
-        a = tf.reshape(patches, [n, positions, fan_in])
-        g = tf.reshape(grads, [n, positions, fan_out])
-        if num_microbatches is None and positions * (fan_in + fan_out) >= fan_in * fan_out:
-            # Many positions (early layers): the Gram trick's T x T matrices cost more than
-            # the per-example gradient itself, so form it (mixed ghost clipping, Bu et al.).
-            per_example = tf.einsum("ntk,ntc->nkc", a, g)
-            return tf.reduce_sum(tf.square(per_example), axis=[1, 2])
-        return einsum_utils.compute_fast_einsum_squared_gradient_norm(
-            "...b,bc->...c", a, g, None, num_microbatches
-        )
-
-    return base_vars, base_vars, sqr_norm_fn
-
-
-def group_norm_computation(layer_instance, input_args, input_kwargs, tape, num_microbatches=None):
-    """GroupNormalization: gamma and beta tiled per example (as TF Privacy's LayerNormalization
-    function does), so their gradients are per-example; the norms are then direct."""
-    del input_kwargs
-    if num_microbatches is not None:
-        raise NotImplementedError("GroupNormalization registry function has no microbatching")
-    x = input_args[0]
-    n, groups = tf.shape(x)[0], layer_instance.groups
-    channels = x.shape[-1]
-    gamma = tf.tile(layer_instance.gamma[None], [n, 1])
-    beta = tf.tile(layer_instance.beta[None], [n, 1])
-    tape.watch(gamma)
-    tape.watch(beta)
-    shape = tf.shape(x)
-    grouped = tf.reshape(x, [n, shape[1], shape[2], groups, channels // groups])
-    mean, var = tf.nn.moments(grouped, axes=[1, 2, 4], keepdims=True)
-    xhat = tf.reshape((grouped - mean) * tf.math.rsqrt(var + layer_instance.epsilon), shape)
-    outputs = xhat * gamma[:, None, None, :] + beta[:, None, None, :]
-
-    def sqr_norm_fn(grads):
-        return tf.add_n([tf.reduce_sum(tf.square(g), axis=1) for g in grads])
-
-    return [gamma, beta], outputs, sqr_norm_fn
-
-
-def make_layer_registry() -> layer_registry.LayerRegistry:
-    """TF Privacy's default registry plus Conv2D and GroupNormalization."""
-    registry = layer_registry.make_default_layer_registry()
-    registry.insert(tf.keras.layers.Conv2D, conv2d_computation)
-    registry.insert(tf.keras.layers.GroupNormalization, group_norm_computation)
-    return registry
-
-
 def _sum_loss(y, logits, sample_weight):
     """Weighted sum of per-example cross-entropies: the clipped gradient sum, not the mean."""
-    ce = tf.keras.losses.sparse_categorical_crossentropy(y, logits, from_logits=True)
-    return tf.reduce_sum(sample_weight * ce)
+    return tf.reduce_sum(bk.weighted_losses(y, logits, sample_weight))
 
 
 class _Engine:
@@ -238,12 +147,12 @@ class _Engine:
         self.ghost_supported = gradient_clipping_utils.all_trainable_layers_are_registered(
             self.model, layer_registry.make_default_layer_registry()
         )
-        self.registry = make_layer_registry()
+        self.registry = bk.make_layer_registry()
+        if mode in ("ghost", "bk") and not (
+            gradient_clipping_utils.all_trainable_layers_are_registered(self.model, self.registry)
+        ):
+            raise AssertionError("a trainable layer of the ResNet has no registry function")
         if mode == "ghost":
-            if not gradient_clipping_utils.all_trainable_layers_are_registered(
-                self.model, self.registry
-            ):
-                raise AssertionError("a trainable layer of the ResNet has no registry function")
             # clip_grads reads the per-example loss from the compiled loss (reduction none).
             self.model.compile(
                 optimizer="sgd",
@@ -261,7 +170,7 @@ class _Engine:
         ]
         # One compiled program per physical shape: the batch dimension is left open in the
         # signature and XLA caches one executable per concrete size (the runner's P).
-        dp_sum = self._dp_sum_ghost if mode == "ghost" else self._dp_sum
+        dp_sum = {"ghost": self._dp_sum_ghost, "bk": self._dp_sum_bk, "vmap": self._dp_sum}[mode]
         self.dp_sum = tf.function(dp_sum, input_signature=signature, jit_compile=xla)
         self.grad_sum = tf.function(self._grad_sum, input_signature=signature, jit_compile=xla)
         self.dp_chunk = tf.function(self._dp_chunk, input_signature=signature)
@@ -316,6 +225,11 @@ class _Engine:
             self.model, self.clip, self.registry, x, y, weight_batch=w, clipping_loss=_sum_loss
         )
         return [grads[i] for i in self.canonical_index], _sum_loss(y, logits, w)
+
+    def _dp_sum_bk(self, x, y, w):
+        """The same sums by Book-Keeping: TF Privacy's norm pass (one forward/backward), the
+        clip-weighted sums from the same layer inputs and output gradients (_bookkeeping_tf)."""
+        return bk.clipped_sums(self.model, self.clip, x, y, w, self.tvars)
 
     def _grad_sum(self, x, y, w):
         """Gradient of the summed loss of the real rows (non-private), loss sum."""
@@ -373,7 +287,8 @@ class Adapter(BaseAdapter):
     framework = "TensorFlow"
     mode = MODE_LABELS[DEFAULT_MODE] + "-xla"
     OPTIONS = {
-        "mode": "ghost (TF Privacy's fast clipping) or vmap (DPModel's per-example path)",
+        "mode": "ghost (TF Privacy's fast clipping), bk (its norm pass, Book-Keeping sums) or "
+        "vmap (DPModel's per-example path)",
         "xla": "compile the gradient functions with XLA",
         "predict_batch": "rows per inference call",
         "compilation_cache": "XLA's persistent cache: true, false or a folder",
