@@ -74,7 +74,7 @@ MODES: dict[str, list[dict]] = {
     + [{"grad_sample_mode": "hooks", "fast_samplers": False}],
     # xla=false (about 10x slower per the adapter) is left out of the default run.
     # mode bk: TF Privacy's norm pass, the clipped sum from its layer inputs and output gradients.
-    "tfprivacy": [{"mode": "ghost"}, {"mode": "bk"}, {"mode": "vmap"}],
+    "tfprivacy": [{}, {"mode": "ghost"}, {"mode": "vmap"}],
     # conv: XLA's convolution vs conv_patches in the DP step (jax: patches by default on CPU;
     # objax: XLA's by default, as patches did not pay under its jax 0.5.3).
     "objax": [{}, {"use_norm_accumulation": True}, {"conv": "auto"}],

@@ -65,11 +65,11 @@ VARIANTS_OF = {
         ({"conv": "patches"}, "objax-pgv-patches", CIFAR),
     ],
     "tfprivacy": [
-        ({}, "fast-clipping-ghost-xla", BOTH),
-        # mode bk forms the sums itself from each layer's input and output gradient (no second
-        # backward through the Keras model): both stems, as for jax's bk.
-        ({"mode": "bk"}, "bk-xla", BOTH),
-        ({"xla": False}, "fast-clipping-ghost", CIFAR),
+        # mode bk (the default) forms the sums itself from each layer's input and output
+        # gradient (no second pass through the Keras model).
+        ({}, "bk-xla", BOTH),
+        ({"mode": "ghost"}, "fast-clipping-ghost-xla", CIFAR),
+        ({"mode": "ghost", "xla": False}, "fast-clipping-ghost", CIFAR),
         ({"mode": "vmap"}, "dpmodel-vmap-xla", CIFAR),
         ({"mode": "vmap", "xla": False}, "dpmodel-vmap", CIFAR),
     ],

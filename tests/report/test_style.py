@@ -19,7 +19,7 @@ from dpscale.plots import data, figures, style
 MODES = {
     "reference": "reference-bk",
     "opacus": "opacus-bk",
-    "tfprivacy": "fast-clipping-ghost-xla",
+    "tfprivacy": "bk-xla",
     "objax": "objax-pgv",
     "jax": "jax-bk",
     "jaxprivacy": "jaxprivacy-vmap",
@@ -171,7 +171,7 @@ def test_summary_figures_share_colours_and_never_overlap_ticks(tmp_path):
     # Short backend names on the runtime axes, the modes named once above the panels.
     ticks = {t.get_text() for t in figs["seconds"].axes[0].get_xticklabels()}
     assert ticks == set(MODES)
-    assert "tfprivacy fast-clipping-ghost-xla" in figs["seconds"]._suptitle.get_text()
+    assert "tfprivacy bk-xla" in figs["seconds"]._suptitle.get_text()
     for fig in figs.values():
         plt.close(fig)
 

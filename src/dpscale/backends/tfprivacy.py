@@ -1,13 +1,14 @@
-"""TensorFlow Privacy backend: its fast (ghost) clipping by default, compiled with XLA.
+"""TensorFlow Privacy backend: its norm pass with Book-Keeping sums by default, compiled with XLA.
 
-The default DP path (mode "fast-clipping-ghost-xla", option mode=ghost): TF Privacy's fast
-gradient clipping, `clip_grads.compute_clipped_gradients_and_outputs`: per-example gradient
-norms from each layer's registry function in one forward/backward pass (TF Privacy 0.9.0 ships
-none for Conv2D and GroupNormalization; dpscale's are in _bookkeeping_tf), then the
-gradient of the loss reweighted by each row's clip factor (a second pass). Option mode=bk (mode
-"bk-xla": Book-Keeping) runs the same norm pass, `clip_grads.compute_gradient_norms`, with
-registry functions that also record how to form each layer's clip-weighted sum from the layer
-input and output gradient they saw (_bookkeeping_tf): no second pass. Option mode=vmap
+The default DP path (mode "bk-xla", option mode=bk: Book-Keeping): TF Privacy's fast-clipping
+norm pass, `clip_grads.compute_gradient_norms` (per-example gradient norms from each layer's
+registry function in one forward/backward pass; TF Privacy 0.9.0 ships none for Conv2D and
+GroupNormalization, dpscale's are in _bookkeeping_tf), with registry functions that also record
+how to form each layer's clip-weighted sum from the layer input and output gradient they saw
+(_bookkeeping_tf): no second pass. Option mode=ghost (mode "fast-clipping-ghost-xla", the
+default before 2026-12-03): TF Privacy's whole fast gradient clipping,
+`clip_grads.compute_clipped_gradients_and_outputs`: the same norm pass, then the gradient of the
+loss reweighted by each row's clip factor (a second forward and backward). Option mode=vmap
 (mode "dpmodel-vmap-xla") takes DPModel's own per-example path instead: `tf.vectorized_map`
 over one-example tapes, clipped by DPModel's `_process_per_example_grads`, exactly as
 `DPModel.train_step` does. Each runs inside one XLA-compiled function per physical shape
@@ -69,7 +70,8 @@ from dpscale.backends.base import (  # noqa: E402
 from dpscale.models.resnet import ResNetSpec, init_weights, param_shapes  # noqa: E402
 
 MODES = ("ghost", "bk", "vmap")
-DEFAULT_MODE = "ghost"
+# Book-Keeping: the same clipped sums as ghost without its second pass (docs/benchmarks.md).
+DEFAULT_MODE = "bk"
 MODE_LABELS = {"ghost": "fast-clipping-ghost", "bk": "bk", "vmap": "dpmodel-vmap"}
 ACCOUNTANT = (
     "tensorflow_privacy compute_dp_sgd_privacy_statement (RDP, dp_accounting default orders)"
