@@ -88,7 +88,8 @@ WHY: dict[str, str] = {
     "reference-torch.func": (
         "vmap(grad) over the whole functional model materializes every example's full gradient "
         "(B x all parameters) through batch-of-one convolutions, then norms and a tensordot; it is "
-        "the oracle, kept simple on purpose (a ghost-norm / Book-Keeping pass would cut it)."
+        "the conformance oracle, kept simple on purpose; mode bk (Book-Keeping, the default) "
+        "cuts it."
     ),
     "opacus-hooks": (
         "the ordinary backward still computes every layer's batch weight gradient, which DP "
@@ -125,8 +126,9 @@ WHY: dict[str, str] = {
     "dpmodel-vmap-xla": (
         "tf.vectorized_map over one-example tapes materializes every example's gradient and the "
         "per-example Conv2DBackpropFilter has no batched kernel (pfor falls back to a while loop "
-        "over examples); the same backend's mode=ghost (TF Privacy's fast clipping, the default) "
-        "avoids both and is faster; vmap stays as the straightforward DPModel path."
+        "over examples); the same backend's mode=bk (the default) and mode=ghost (TF Privacy's "
+        "fast clipping) avoid both and are faster; vmap stays as the straightforward DPModel "
+        "path."
     ),
     "dpmodel-vmap": "as dpmodel-vmap-xla without XLA: every vectorized op runs unfused.",
     "fast-clipping-ghost-xla": (
@@ -141,8 +143,8 @@ WHY: dict[str, str] = {
         "PrivateGradValues with microbatch=1 vmaps the gradient over examples: XLA turns the "
         "per-example conv filter gradients into batch-grouped convolutions and materializes B "
         "gradients (conv=auto's batched-matmul form was no faster under objax's jax 0.5.3); "
-        "ghost norms (norms from activations and backprops, then one weighted backward) would "
-        "cut it."
+        "ghost norms / Book-Keeping would cut it, but Objax 1.8 has no such mechanism (its only "
+        "clipping is PrivateGradValues' vmap)."
     ),
     "objax-pgv-patches": (
         "PrivateGradValues vmaps the gradient over examples and materializes B gradients plus, "
@@ -154,17 +156,22 @@ WHY: dict[str, str] = {
         "norm accumulation still takes per-example norms through vmapped gradients, then a "
         "second, weighted backward: two passes, less memory, no less compute on CPU."
     ),
+    "jaxprivacy-clipped-grad": (
+        "jax_privacy.clipped_grad vmaps the loss' gradient over examples (with a batch axis of "
+        "one each), materializes B gradients, then clips (nan-safe) and sums them; JAX Privacy "
+        "2.0 has no ghost-norm or Book-Keeping mechanism, and replacing its clipped_grad would "
+        "leave nothing of it to measure (mode bk of the jax backend is that path)."
+    ),
     "jax-vmap": (
         "vmap(grad) per example under jit materializes B gradients plus, with conv_patches, each "
-        "conv's shifted slices (kh*kw x its input) before clipping; ghost norms / Book-Keeping "
-        "(norms from activations and output gradients, then one clip-weighted backward) would "
-        "cut it."
+        "conv's shifted slices (kh*kw x its input) before clipping; mode bk (Book-Keeping, the "
+        "default: norms and the clipped sum from activations and output gradients) cuts it."
     ),
     "jax-vmap-xlaconv": (
         "vmap(grad) per example under jit: the per-example conv filter gradients become "
         "batch-grouped convolutions that XLA's CPU backend runs far slower than one batched conv, "
-        "and all B gradients are materialized before clipping; ghost norms / Book-Keeping (norms "
-        "from activations and output gradients, then one clip-weighted backward) would cut it."
+        "and all B gradients are materialized before clipping; mode bk (Book-Keeping, the default) "
+        "cuts it."
     ),
 }
 
