@@ -39,11 +39,11 @@ nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader ||
 "$py" -c "import jax; print('jax', jax.__version__, jax.devices())" || true
 pythons=()
 for b in reference opacus jax tfprivacy objax; do pythons+=(--python "$b=$py"); done
-# reference and jax: Book-Keeping (their default) and vmap (before); jax's conv on a GPU is
-# XLA's; tfprivacy and objax: one row each to say "not measured".
+# Each torch/jax backend's default (Book-Keeping) beside the mode it replaced (reference and
+# jax vmap, opacus hooks): issue 20's GPU before/after in one run, 12 workers; jax's conv on a
+# GPU is XLA's; tfprivacy and objax: one row each to say "not measured".
 modes='{"reference": [{}, {"mode": "vmap"}],
-  "opacus": [{"grad_sample_mode": "hooks"}, {"grad_sample_mode": "ghost"},
-  {"grad_sample_mode": "bk"}],
+  "opacus": [{}, {"grad_sample_mode": "hooks"}],
   "jax": [{}, {"mode": "vmap"}], "tfprivacy": [{}], "objax": [{}]}'
 "$py" benchmarks/steps.py "${pythons[@]}" --backends reference,opacus,jax,tfprivacy,objax \
   --width 64 --image-size 64 --batch-size 256 1024 --physical 256 \
