@@ -53,11 +53,12 @@ CASES = {
 BOTH, CIFAR = tuple(CASES), ("cifar16",)
 # Every DP mode each backend offers: (options, the mode label they must select, the cases it
 # runs). A registered backend or an env file without an entry here fails
-# test_every_backend_has_conformance_entries. Each backend's default and Opacus' three
-# per-sample modes run both cases (the model's two stems); the other modes change how the DP
-# step is computed, not the model, and run the CIFAR case: every check, one model (their
-# convolution variants are checked on the ImageNet stem's shapes in test_jax_conv.py). Listed
-# costliest compiles first, so that the job pool's last jobs are short ones.
+# test_every_backend_has_conformance_entries. Each backend's default, the oracle (reference
+# vmap), jax vmap and Opacus' per-sample modes run both cases (the model's two stems); the
+# other modes change how the DP step is computed, not the model, and run the CIFAR case:
+# every check, one model (their convolution variants are checked on the ImageNet stem's shapes
+# in test_jax_conv.py). Listed costliest compiles first, so that the job pool's last jobs are
+# short ones.
 VARIANTS_OF = {
     "objax": [
         ({}, "objax-pgv", BOTH),
