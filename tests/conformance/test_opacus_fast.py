@@ -138,6 +138,14 @@ def test_grouped_conv_sampler_equals_opacus_unfold_einsum(probe):
     assert probe["conv"]["small-map"]["positions"] < 256
 
 
+def assert_close(got, want, what: str, rel: float = 1e-4, abs_: float = 1e-7) -> None:
+    """pytest.approx's criterion, |got - want| <= max(rel |want|, abs), vectorized (approx on
+    long lists took seconds)."""
+    got, want = np.asarray(got), np.asarray(want)
+    bad = np.abs(got - want) > np.maximum(rel * np.abs(want), abs_)
+    assert not bad.any(), f"{what}: {bad.sum()} of {bad.size} entries differ beyond tolerance"
+
+
 def test_fast_and_stock_opacus_clip_to_the_same_sum(probe):
     runs = probe["adapter"]
     for mode in ("hooks", "ghost"):
@@ -148,9 +156,7 @@ def test_fast_and_stock_opacus_clip_to_the_same_sum(probe):
         assert set(fast["grads"]) == set(stock["grads"])
         for n, g in fast["grads"].items():
             assert any(v != 0 for v in g), f"{mode}: {n} got no gradient"
-            np.testing.assert_allclose(
-                g, stock["grads"][n], rtol=1e-4, atol=1e-7, err_msg=f"{mode}: {n}"
-            )
+            assert_close(g, stock["grads"][n], f"{mode}: {n}")
 
 
 def test_tied_weights_still_accumulate_per_sample_gradients(probe):
@@ -176,7 +182,7 @@ def test_bk_clips_to_stock_opacus_sum_without_a_weight_gradient(probe):
     assert set(bk["grads"]) == set(stock["grads"])
     for n, g in bk["grads"].items():
         assert any(v != 0 for v in g), n
-        np.testing.assert_allclose(g, stock["grads"][n], rtol=1e-4, atol=1e-7, err_msg=n)
+        assert_close(g, stock["grads"][n], n)
     hooks = probe["bk"]
     assert hooks["weight_grads"] == 0
     assert hooks["sampled"] == hooks["layers"] > 0
